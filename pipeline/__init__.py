@@ -1,0 +1,1 @@
+"""Data: the Beam conversion job and the tf.data reader."""

@@ -1,0 +1,139 @@
+r"""Converts raw ImageNet (ILSVRC-2012 layout) into 256x256 JPEG TFRecord shards and the paper's statistics.
+
+    python -m pipeline.build_tfrecords --input_dir=RAW --output_dir=OUT [Beam options, e.g. --runner=DataflowRunner]
+
+Writes to OUT: train-SSSSS-of-NNNNN and validation-SSSSS-of-NNNNN shards, stats.npz / stats.json (mean image and
+RGB PCA, from the training images), labels.txt (label i is line i's wnid), rejected.tsv (every file not written,
+with its reason) and summary.json (seen = written + rejected per split; written last, so it marks a whole output).
+Flags this module does not know are Beam pipeline options; on DirectRunner both cores are used unless told otherwise.
+"""
+
+import json
+import logging
+import sys
+import uuid
+
+import apache_beam as beam
+from absl import app, flags
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from pipeline import images, sources, stats, transforms
+
+_INPUT_DIR = flags.DEFINE_string("input_dir", None, "Raw ImageNet folder holding train/ and val/.", required=True)
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the shards and statistics go.", required=True)
+_TRAIN_SHARDS = flags.DEFINE_integer("train_shards", 1024, "Number of training shards.", lower_bound=1)
+_VAL_SHARDS = flags.DEFINE_integer("validation_shards", 128, "Number of validation shards.", lower_bound=1)
+_VAL_LABELS = flags.DEFINE_string(
+    "val_labels_file",
+    None,
+    "Labels of a flat val/ folder, one wnid per line in image-number order. Default: <input_dir>/"
+    "validation_labels.txt if present, else the ILSVRC-2012 file shipped by tensorflow-datasets.",
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the shuffle that assigns images to shards.")
+_QUALITY = flags.DEFINE_integer("jpeg_quality", images.JPEG_QUALITY, "JPEG quality of the stored images.", 1, 100)
+_MIN_SIDE = flags.DEFINE_integer("min_side", images.MIN_SIDE, "Reject images with a side shorter than this.")
+_MAX_PIXELS = flags.DEFINE_integer("max_pixels", images.MAX_PIXELS, "Reject images with more pixels than this.")
+
+
+def build_pipeline(p, *, input_dir, output_dir, num_shards, seed, val_labels_file, convert_kwargs):
+    """Adds the whole job to pipeline p."""
+    staging_dir = FileSystems.join(output_dir, f".staging-{uuid.uuid4().hex}")
+    files = {
+        split: p | f"List{split.title()}" >> transforms.ListImages(split, input_dir, val_labels_file)
+        for split in transforms.SPLITS
+    }
+    wnids = (
+        files["train"]
+        | "Wnids" >> beam.Values()
+        | "KnownWnids" >> beam.Filter(bool)
+        | "Distinct" >> beam.Distinct()
+        | "Collect" >> beam.combiners.ToList()
+        | "Sort" >> beam.Map(sorted)
+    )
+    seen, shards, rejected, pixels = [], [], [], None
+    for split in transforms.SPLITS:
+        name = split.title()
+        seen.append(files[split] | f"Count{name}" >> beam.combiners.Count.Globally() | f"Key{name}" >> _KeyBy(split))
+        converted = files[split] | f"Convert{name}" >> transforms.ConvertImages(
+            split,
+            input_dir=input_dir,
+            wnids=wnids,
+            num_shards=num_shards[split],
+            seed=seed,
+            convert_kwargs=convert_kwargs,
+        )
+        shards.append(
+            converted.records | f"Write{name}" >> transforms.WriteShards(split, staging_dir, num_shards[split])
+        )
+        rejected.append(converted.rejected)
+        pixels = converted.pixels if split == "train" else pixels
+    pixel_stats = pixels | "PixelStats" >> beam.CombineGlobally(stats.PixelStatsFn()).without_defaults()
+    return p | "Finalize" >> transforms.Finalize(
+        output_dir,
+        staging_dir,
+        num_shards,
+        shards=shards | "AllShards" >> beam.Flatten(),
+        seen=seen | "AllSeen" >> beam.Flatten(),
+        rejected=rejected | "AllRejected" >> beam.Flatten(),
+        wnids=wnids,
+        pixel_stats=pixel_stats,
+    )
+
+
+def _KeyBy(key):  # noqa: N802 (reads as a transform label)
+    return beam.Map(lambda value, key=key: (key, value))
+
+
+def resolve_val_labels(input_dir, val_labels_file):
+    """The labels file for a flat val/ folder: the flag, else one beside the data, else tensorflow-datasets'."""
+    if val_labels_file:
+        if not FileSystems.exists(val_labels_file):
+            raise app.UsageError(f"--val_labels_file={val_labels_file} does not exist")
+        return val_labels_file
+    beside = FileSystems.join(input_dir, "validation_labels.txt")
+    return beside if FileSystems.exists(beside) else sources.tfds_val_labels_file()
+
+
+def pipeline_options(beam_args):
+    """Beam options from the flags absl did not know; unknown ones are fatal, as for absl."""
+    options = PipelineOptions(beam_args)
+    unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    if unknown:
+        raise app.UsageError(f"unknown flags (neither this job's nor Beam's): {sorted(unknown)}")
+    if options.view_as(StandardOptions).runner in (None, "DirectRunner"):
+        direct = options.view_as(DirectOptions)
+        if not any(a.startswith("--direct_num_workers") for a in beam_args):
+            direct.direct_num_workers = 0  # One worker per core.
+            direct.direct_running_mode = "multi_processing"
+    return options
+
+
+def main(argv):
+    input_dir, output_dir = _INPUT_DIR.value, _OUTPUT_DIR.value
+    if not sources.match(sources.train_pattern(input_dir)):
+        raise app.UsageError(f"--input_dir={input_dir} has no files in train/<wnid>/: is it ImageNet's layout?")
+    options = pipeline_options(argv[1:])
+    kwargs = dict(
+        input_dir=input_dir,
+        output_dir=output_dir,
+        num_shards={"train": _TRAIN_SHARDS.value, "validation": _VAL_SHARDS.value},
+        seed=_SEED.value,
+        val_labels_file=resolve_val_labels(input_dir, _VAL_LABELS.value),
+        convert_kwargs=dict(quality=_QUALITY.value, min_side=_MIN_SIDE.value, max_pixels=_MAX_PIXELS.value),
+    )
+    with beam.Pipeline(options=options) as p:
+        build_pipeline(p, **kwargs)
+    with FileSystems.open(FileSystems.join(output_dir, "summary.json")) as f:
+        summary = json.load(f)
+    print(f"Wrote {output_dir}: {json.dumps(summary)}")
+
+
+def _parse_flags(argv):
+    return flags.FLAGS(argv, known_only=True)
+
+
+if __name__ == "__main__":
+    logging.getLogger().setLevel(logging.INFO)
+    app.run(main, flags_parser=_parse_flags)
+    sys.exit(0)

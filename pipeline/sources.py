@@ -1,0 +1,62 @@
+"""Listing raw ImageNet (ILSVRC-2012 layout) through Beam's file systems, so local paths and gs:// work alike.
+
+    <input_dir>/train/<wnid>/*.JPEG
+    <input_dir>/val/<wnid>/*.JPEG                          (class folders), or
+    <input_dir>/val/ILSVRC2012_val_<8 digits>.JPEG         (flat, labelled by a validation labels file)
+
+A validation labels file has one wnid per line, line i for image number i (tensorflow-datasets' format).
+Labels are 0-based in sorted-wnid order of the training class folders.
+"""
+
+import importlib.util
+import os
+import re
+
+from apache_beam.io.filesystems import FileSystems
+
+VAL_FILE_RE = re.compile(r"ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
+TFDS_VAL_LABELS = ("datasets", "imagenet2012", "validation_labels.txt")
+
+
+def wnid_of(path):
+    """The class folder a file sits in."""
+    return path.replace("\\", "/").rstrip("/").split("/")[-2]
+
+
+def train_pattern(input_dir):
+    return FileSystems.join(input_dir, "train", "*", "*")
+
+
+def val_patterns(input_dir):
+    """(class-folder pattern, flat pattern) for the validation split."""
+    return FileSystems.join(input_dir, "val", "*", "*"), FileSystems.join(input_dir, "val", "*")
+
+
+def match(pattern):
+    """Sorted paths of the files matching pattern (an empty list when none)."""
+    result = FileSystems.match([pattern])[0]
+    return sorted(m.path for m in result.metadata_list)
+
+
+def tfds_val_labels_file():
+    """Path of the ILSVRC-2012 validation labels shipped by tensorflow-datasets, or None if it is absent."""
+    spec = importlib.util.find_spec("tensorflow_datasets")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], *TFDS_VAL_LABELS)
+    return path if os.path.exists(path) else None
+
+
+def read_val_labels(path):
+    """{image number (1-based): wnid} from a validation labels file."""
+    with FileSystems.open(path) as f:
+        lines = f.read().decode().split()
+    return {i: wnid for i, wnid in enumerate(lines, start=1)}
+
+
+def val_wnid(path, val_labels):
+    """The wnid of a validation file: its class folder, or its number in the labels file; None if unknown."""
+    match_ = VAL_FILE_RE.search(path)
+    if val_labels is not None and match_:
+        return val_labels.get(int(match_.group(1)))
+    return None if val_labels is not None else wnid_of(path)

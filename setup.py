@@ -1,0 +1,26 @@
+"""The AlexNet reference: Beam conversion (extra 'beam'), tf.data input, Keras model and training."""
+
+import setuptools
+
+setuptools.setup(
+    name="alexnet-reference",
+    version="0.1.0",
+    description="Krizhevsky, Sutskever & Hinton (NIPS 2012) AlexNet on ImageNet with TensorFlow, Keras and Beam.",
+    python_requires=">=3.11",
+    packages=["pipeline", "model"],
+    py_modules=["train"],
+    install_requires=[
+        "tensorflow==2.21.*",
+        "tensorboard==2.21.*",
+        "keras>=3.10",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "pillow>=10",
+    ],
+    extras_require={
+        # Beam (and tensorflow-datasets, for its ILSVRC-2012 validation labels) only for the conversion job and
+        # its workers: training never imports them.
+        "beam": ["apache-beam==2.77.*", "tensorflow-datasets==4.9.10"],
+        "test": ["pytest>=8", "hypothesis>=6", "ruff>=0.6"],
+    },
+)
