@@ -1,0 +1,5 @@
+"""The Keras AlexNet (§3) and its on-device augmentation (§4.1)."""
+
+from model.alexnet import AlexNet, LocalResponseNorm, build_alexnet
+
+__all__ = ["AlexNet", "LocalResponseNorm", "build_alexnet"]

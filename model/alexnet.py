@@ -1,0 +1,143 @@
+"""The paper's AlexNet (§3, Figure 2): two towers, LRN, overlapping pooling, dropout, the paper's init (§5).
+
+Tower a's layers end in `_a`, tower b's in `_b`. The towers talk only where the paper's GPUs do: at the inputs of
+conv3, fc6, fc7 and fc8. Given `tower_devices`, each tower's variables and ops are placed on its own device
+(§3.2's model parallelism); without them both towers run wherever the caller places the model (under
+MirroredStrategy: on each replica's device). Weight decay is part of the update rule (model/recipe.py).
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+LRN = dict(depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75)  # §3.3: n=5, k=2, alpha=1e-4, beta=0.75.
+WEIGHT_STD = 0.01  # §5: weights from N(0, 0.01).
+DROPOUT = 0.5  # §4.2.
+ONE_BIAS = ("conv2", "conv4", "conv5", "fc6", "fc7")  # §5: biases 1 here (ReLUs start positive), 0 elsewhere.
+CONV1_PAD = ((0, 0), (1, 2), (1, 2), (0, 0))  # 224 + 3 = 227: 11x11 stride 4 gives the paper's 55x55.
+# (layer, filters or units per tower, kernel, stride, padding).
+CONVS = (("conv1", 48, 11, 4, "valid"), ("conv2", 128, 5, 1, "same"), ("conv3", 192, 3, 1, "same"))
+CONVS += (("conv4", 192, 3, 1, "same"), ("conv5", 128, 3, 1, "same"))
+FCS = (("fc6", 2048), ("fc7", 2048))
+
+
+class LocalResponseNorm(keras.layers.Layer):
+    """§3.3 across channels, always in float32 (no bfloat16 CPU kernel, float16 overflows in the sum of squares)."""
+
+    def __init__(self, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+
+    def call(self, x):
+        return tf.nn.local_response_normalization(x, **LRN)
+
+
+def _kernel_kwargs(name, std):
+    return dict(
+        name=name,
+        activation="relu",  # §3.1: ReLU after every conv and fc layer but the last.
+        kernel_initializer=keras.initializers.RandomNormal(stddev=std),
+        bias_initializer="ones" if name[:-2] in ONE_BIAS else "zeros",
+    )
+
+
+class AlexNet(keras.Model):
+    """Mean-subtracted float images (B, S, S, 3) -> logits (B, num_classes); the paper's S is 224."""
+
+    def __init__(
+        self,
+        num_classes=1000,
+        *,
+        tower_devices=None,
+        dropout=DROPOUT,
+        weight_std=WEIGHT_STD,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_classes, self.tower_devices = num_classes, tower_devices
+        self.dropout_rate, self.weight_std = dropout, weight_std
+        towers = "ab"
+        self.convs = {
+            name: [
+                keras.layers.Conv2D(n, k, strides=s, padding=p, **_kernel_kwargs(f"{name}_{t}", weight_std))
+                for t in towers
+            ]
+            for name, n, k, s, p in CONVS
+        }
+        self.fcs = {
+            name: [keras.layers.Dense(n, **_kernel_kwargs(f"{name}_{t}", weight_std)) for t in towers]
+            for name, n in FCS
+        }
+        self.fc8 = keras.layers.Dense(
+            num_classes,
+            name="fc8",
+            dtype="float32",  # Logits and softmax in float32 under mixed precision.
+            kernel_initializer=keras.initializers.RandomNormal(stddev=weight_std),
+        )
+        self.lrn = [LocalResponseNorm(name=f"lrn{i}_{t}") for i in (1, 2) for t in towers]
+        self.pool = keras.layers.MaxPooling2D(3, 2, name="pool")  # §3.4: overlapping, z=3, s=2.
+        self.dropout = keras.layers.Dropout(dropout, name="dropout")
+        self.flatten = keras.layers.Flatten(name="flatten")
+
+    def _on(self, tower):
+        """Device scope of tower 0 (a) or 1 (b)."""
+        return tf.device(self.tower_devices[tower]) if self.tower_devices else contextlib.nullcontext()
+
+    def _towers(self, fn, x):
+        """[fn(0, x), fn(1, x)], each on its tower's device: fn picks its own tower's input or all of them."""
+        outputs = []
+        for t in range(2):
+            with self._on(t):
+                outputs.append(fn(t, x))
+        return outputs
+
+    def build(self, input_shape):
+        size = input_shape[1] + CONV1_PAD[1][0] + CONV1_PAD[1][1]
+        c1 = (size - 11) // 4 + 1
+        p1, p2 = (c1 - 3) // 2 + 1, ((c1 - 3) // 2 + 1 - 3) // 2 + 1
+        p3 = (p2 - 3) // 2 + 1
+        inputs = {"conv1": (None, size, size, 3), "conv2": (None, p1, p1, 48), "conv3": (None, p2, p2, 256)}
+        inputs.update(conv4=(None, p2, p2, 192), conv5=(None, p2, p2, 192), fc6=(None, p3 * p3 * 256))
+        inputs.update(fc7=(None, 4096))
+        for name, layers in {**self.convs, **self.fcs}.items():
+            for t, layer in enumerate(layers):
+                with self._on(t):
+                    layer.build(inputs[name])
+        with self._on(0):
+            self.fc8.build((None, 4096))
+
+    def call(self, images, training=False):
+        def stage1(t, x):  # conv1 -> LRN -> pool -> conv2 (own tower only) -> LRN -> pool.
+            x = self.pool(self.lrn[t](self.convs["conv1"][t](x)))
+            return self.pool(self.lrn[2 + t](self.convs["conv2"][t](x)))
+
+        def stage2(t, x):  # conv3 sees both towers; conv4 and conv5 their own.
+            x = self.convs["conv3"][t](tf.concat(x, -1))
+            return self.pool(self.convs["conv5"][t](self.convs["conv4"][t](x)))
+
+        def fc(name):  # fc6, fc7 see all of the previous layer (§3.5); dropout on their outputs (§4.2).
+            return lambda t, x: self.dropout(self.fcs[name][t](tf.concat(x, -1)), training=training)
+
+        x = self._towers(stage2, self._towers(stage1, tf.pad(images, CONV1_PAD)))
+        x = self._towers(fc("fc6"), [self.flatten(part) for part in self._towers(lambda t, x: x[t], x)])
+        x = self._towers(fc("fc7"), x)
+        with self._on(0):
+            return self.fc8(tf.concat(x, -1))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_classes=self.num_classes,
+            tower_devices=self.tower_devices,
+            dropout=self.dropout_rate,
+            weight_std=self.weight_std,
+        )
+        return config
+
+
+def build_alexnet(num_classes=1000, *, input_size=224, **kwargs):
+    """The paper's AlexNet with its variables created (on the tower devices, if given)."""
+    model = AlexNet(num_classes, name="alexnet", **kwargs)
+    model(tf.zeros((1, input_size, input_size, 3)))
+    return model

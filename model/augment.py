@@ -1,0 +1,91 @@
+"""On-device preprocessing (§2, §4.1): uint8 batches in, mean-subtracted float crops out.
+
+Training: subtract the mean image, add PCA lighting, take a random crop and mirror it at random, each drawn per
+image. Inference: the central crop, or the ten crops of §4.1 (`ten_crops`).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+CROP_SIZE = 224
+LIGHTING_STD = 0.1  # §4.1: alpha_i ~ N(0, 0.1).
+
+
+def crop_and_flip(images, top, left, flip, size):
+    """Per-image crops images[b, top[b]:top[b]+size, left[b]:left[b]+size], mirrored where flip[b]."""
+    rows = top[:, None] + tf.range(size)[None, :]
+    cols = left[:, None] + tf.range(size)[None, :]
+    cols = tf.where(flip[:, None], tf.reverse(cols, axis=[1]), cols)
+    return tf.gather(tf.gather(images, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+
+
+def random_crop_and_flip(images, size):
+    """§4.1: a random size x size patch (all S - size + 1 offsets per axis) and its mirror image at random."""
+    batch, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    top = tf.random.uniform([batch], 0, height - size + 1, dtype=tf.int32)
+    left = tf.random.uniform([batch], 0, width - size + 1, dtype=tf.int32)
+    flip = tf.random.uniform([batch]) < 0.5
+    return crop_and_flip(images, top, left, flip, size)
+
+
+def ten_crops(images, size):
+    """§4.1's test patches: four corners and the centre, then their mirror images."""
+    height, width = images.shape[1], images.shape[2]
+    offsets = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size)]
+    offsets.append(((height - size) // 2, (width - size) // 2))
+    crops = [images[:, y : y + size, x : x + size] for y, x in offsets]
+    return crops + [tf.reverse(c, axis=[2]) for c in crops]
+
+
+def lighting_offsets(batch, eigenvalues, eigenvectors, std):
+    """§4.1: per image, [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T with a_i ~ N(0, std), eigenvectors as columns.
+
+    l_i = sqrt(eigenvalue_i) of the 0..255 covariance, as Krizhevsky's cuda-convnet2 does: alpha then scales the
+    standard deviation along each principal component (PAPER.md explains why the eigenvalue itself is absurd).
+    """
+    alphas = tf.random.normal([batch, 3], stddev=std)
+    return tf.linalg.matvec(eigenvectors, alphas * tf.sqrt(tf.maximum(eigenvalues, 0.0)))
+
+
+class Preprocess(keras.layers.Layer):
+    """uint8 (B, S, S, 3) -> float32 (B, crop, crop, 3): random crop, flip and lighting in training, centre crop else.
+
+    The mean image and the RGB PCA are non-trainable weights, so checkpoints carry the statistics they were
+    trained with.
+    """
+
+    def __init__(self, image_size=256, crop_size=CROP_SIZE, lighting_std=LIGHTING_STD, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        self.image_size, self.crop_size, self.lighting_std = image_size, crop_size, lighting_std
+        s = image_size
+        self.mean_image = self.add_weight(shape=(s, s, 3), initializer="zeros", trainable=False, name="mean_image")
+        self.eigenvalues = self.add_weight(shape=(3,), initializer="zeros", trainable=False, name="eigenvalues")
+        self.eigenvectors = self.add_weight(shape=(3, 3), initializer="zeros", trainable=False, name="eigenvectors")
+
+    def set_statistics(self, mean_image, eigenvalues, eigenvectors):
+        self.mean_image.assign(np.asarray(mean_image, np.float32))
+        self.eigenvalues.assign(np.asarray(eigenvalues, np.float32))
+        self.eigenvectors.assign(np.asarray(eigenvectors, np.float32))
+
+    def normalize(self, images):
+        """§2: subtract the mean image (the only preprocessing besides the crop)."""
+        return tf.cast(images, tf.float32) - self.mean_image
+
+    def call(self, images, training=False):
+        x = self.normalize(images)
+        if not training:
+            offset = (self.image_size - self.crop_size) // 2
+            return x[:, offset : offset + self.crop_size, offset : offset + self.crop_size]
+        if self.lighting_std:
+            x += lighting_offsets(tf.shape(x)[0], self.eigenvalues, self.eigenvectors, self.lighting_std)[:, None, None]
+        return random_crop_and_flip(x, self.crop_size)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.crop_size, self.crop_size, 3)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(image_size=self.image_size, crop_size=self.crop_size, lighting_std=self.lighting_std)
+        return config
