@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import LocalResponseNorm, alexnet, build_alexnet
+
+TOWER_DEVICES = ("/device:CPU:0", "/device:CPU:1")
+
+
+@pytest.fixture(scope="module")
+def paper_net():
+    return build_alexnet(1000)
+
+
+def test_parameter_count_is_the_papers(paper_net):
+    assert paper_net.count_params() == 60_965_224
+    per_layer = {name: 0 for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")}
+    for w in paper_net.weights:
+        per_layer[w.path.split("/")[1][:5].rstrip("_")] += int(np.prod(w.shape))
+    assert per_layer == {
+        "conv1": 34_944,
+        "conv2": 307_456,
+        "conv3": 885_120,
+        "conv4": 663_936,
+        "conv5": 442_624,
+        "fc6": 37_752_832,
+        "fc7": 16_781_312,
+        "fc8": 4_097_000,
+    }
+
+
+def test_kernel_shapes_give_the_papers_tower_connectivity(paper_net):
+    shapes = {w.path.split("/", 1)[1]: tuple(w.shape) for w in paper_net.weights if w.path.endswith("kernel")}
+    for t in "ab":
+        assert shapes[f"conv1_{t}/kernel"] == (11, 11, 3, 48)
+        assert shapes[f"conv2_{t}/kernel"] == (5, 5, 48, 128)  # Own tower only.
+        assert shapes[f"conv3_{t}/kernel"] == (3, 3, 256, 192)  # Both towers.
+        assert shapes[f"conv4_{t}/kernel"] == (3, 3, 192, 192)
+        assert shapes[f"conv5_{t}/kernel"] == (3, 3, 192, 128)
+        assert shapes[f"fc6_{t}/kernel"] == (9216, 2048)  # 6x6x256 from both towers.
+        assert shapes[f"fc7_{t}/kernel"] == (4096, 2048)
+    assert shapes["fc8/kernel"] == (4096, 1000)
+
+
+def test_conv1_gives_55x55_and_the_model_1000_logits(paper_net):
+    x = tf.random.normal((1, 224, 224, 3))
+    assert paper_net.convs["conv1"][0](tf.pad(x, alexnet.CONV1_PAD)).shape == (1, 55, 55, 48)
+    assert paper_net(x).shape == (1, 1000)
+
+
+def test_paper_initialization(paper_net):
+    for w in paper_net.weights:
+        layer = w.path.split("/")[1].split("_")[0]
+        value = w.numpy()
+        if w.path.endswith("bias"):
+            assert (value == (1.0 if layer in alexnet.ONE_BIAS else 0.0)).all(), w.path
+        elif value.size > 30_000:
+            assert value.mean() == pytest.approx(0.0, abs=1e-3) and value.std() == pytest.approx(0.01, rel=0.03)
+
+
+def _paper_lrn(a, k=2.0, n=5, alpha=1e-4, beta=0.75):
+    """§3.3, literally: the sum runs over channels max(0, i - n/2) .. min(N - 1, i + n/2)."""
+    b = np.empty_like(a)
+    channels = a.shape[-1]
+    for i in range(channels):
+        lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
+        b[..., i] = a[..., i] / (k + alpha * (a[..., lo : hi + 1] ** 2).sum(-1)) ** beta
+    return b
+
+
+@pytest.mark.parametrize("channels", [48, 128])
+def test_lrn_is_the_papers_formula_with_its_channel_edges(channels):
+    a = np.random.default_rng(0).uniform(0, 300, size=(2, 3, 3, channels)).astype(np.float64)
+    got = LocalResponseNorm()(tf.constant(a, tf.float32)).numpy()
+    np.testing.assert_allclose(got, _paper_lrn(a), rtol=1e-5)
+
+
+def test_lrn_runs_in_float32_under_bfloat16():
+    layer = LocalResponseNorm()
+    assert layer.compute_dtype == "float32"
+    assert layer(tf.ones((1, 2, 2, 8), tf.bfloat16)).dtype == tf.float32
+
+
+def test_towers_variables_live_on_their_devices():
+    net = build_alexnet(10, input_size=112, tower_devices=TOWER_DEVICES)
+    for w in net.weights:
+        tower = w.path.split("/")[1].split("_")[-1]
+        expected = TOWER_DEVICES[1] if tower == "b" else TOWER_DEVICES[0]  # fc8 sits with tower a.
+        assert w.value.device.endswith(expected[len("/device:") :]), (w.path, w.value.device)
+
+
+def test_towers_ops_run_on_their_devices():
+    net = build_alexnet(10, input_size=112, tower_devices=TOWER_DEVICES)
+    graph = tf.function(lambda x: net(x, training=True)).get_concrete_function(tf.TensorSpec((2, 112, 112, 3))).graph
+    placed = {"a": set(), "b": set()}
+    for op in graph.get_operations():
+        scope = op.name.split("/")
+        for part in scope:
+            if part[-2:] in ("_a", "_b") and part[:-2] in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"):
+                placed[part[-1]].add(op.device)
+    assert placed["a"] == {TOWER_DEVICES[0]} and placed["b"] == {TOWER_DEVICES[1]}
+
+
+def test_same_weights_same_outputs_on_one_device_two_towers_and_mirrored_replicas():
+    x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
+    single = build_alexnet(10, input_size=112)
+    towers = build_alexnet(10, input_size=112, tower_devices=TOWER_DEVICES)
+    towers.set_weights(single.get_weights())
+    expected = single(x).numpy()
+    np.testing.assert_allclose(towers(x).numpy(), expected, rtol=1e-4, atol=1e-6)
+    strategy = tf.distribute.MirroredStrategy(list(TOWER_DEVICES))
+    with strategy.scope():
+        mirrored = build_alexnet(10, input_size=112)
+    mirrored.set_weights(single.get_weights())
+    outputs = strategy.experimental_local_results(strategy.run(tf.function(lambda x: mirrored(x)), args=(x,)))
+    assert len(outputs) == 2
+    for out in outputs:
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_only_in_training():
+    net = build_alexnet(10, input_size=112)
+    x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
+    np.testing.assert_array_equal(net(x).numpy(), net(x).numpy())
+    assert not np.array_equal(net(x, training=True).numpy(), net(x, training=True).numpy())

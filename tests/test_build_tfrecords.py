@@ -1,0 +1,113 @@
+import contextlib
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import app
+
+from pipeline import build_tfrecords, example_spec, images, sources
+from pipeline import demo_data as demo_module
+from pipeline import input as data_input
+from tests.conftest import TRAIN_PER_CLASS, VAL_PER_CLASS, photos_dir, run_conversion
+
+WNIDS = [wnid for wnid, _, _ in demo_module.CLASSES]
+
+
+def _records(data_dir, split):
+    files = data_input.shard_files(data_dir, split)
+    out = []
+    for path in files:
+        for serialized in tf.data.TFRecordDataset(path):
+            parsed = example_spec.parse_example(serialized)
+            out.append({k: v.numpy() for k, v in parsed.items()} | {"shard": os.path.basename(path)})
+    return out
+
+
+def test_summary_accounts_for_every_file(demo_data, demo_raw):
+    with open(os.path.join(demo_data, "summary.json")) as f:
+        summary = json.load(f)
+    train_files = glob.glob(os.path.join(demo_raw, "train", "*", "*"))
+    assert summary["train"] == {"seen": len(train_files), "written": len(train_files) - 1, "rejected": 1, "shards": 4}
+    assert summary["validation"]["seen"] == summary["validation"]["written"] == len(WNIDS) * VAL_PER_CLASS
+    with open(os.path.join(demo_data, "rejected.tsv")) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f][1:]
+    assert len(rows) == 1 and rows[0][1].endswith("_truncated.JPEG") and "truncated" in rows[0][2]
+
+
+def test_records_hold_the_converted_images_with_sorted_wnid_labels(demo_data, demo_raw):
+    with open(os.path.join(demo_data, "labels.txt")) as f:
+        assert f.read().split() == sorted(WNIDS)
+    records = _records(demo_data, "train")
+    assert len(records) == len(WNIDS) * TRAIN_PER_CLASS + 3  # + CMYK, grayscale and PNG quirks.
+    for record in records[:12]:
+        synset = record[example_spec.SYNSET].decode()
+        assert record[example_spec.LABEL] == sorted(WNIDS).index(synset)
+        path = os.path.join(demo_raw, "train", synset, record[example_spec.FILENAME].decode())
+        with open(path, "rb") as f:
+            _, expected = images.convert(f.read())
+        decoded = tf.io.decode_jpeg(record[example_spec.ENCODED]).numpy().astype(float)
+        assert decoded.shape == (256, 256, 3)
+        assert np.abs(decoded - expected).mean() < 2.5
+
+
+def test_flat_validation_is_labelled_from_the_labels_file(demo_data, demo_raw):
+    labels = sources.read_val_labels(os.path.join(demo_raw, demo_module.VAL_LABELS))
+    for record in _records(demo_data, "validation"):
+        number = int(sources.VAL_FILE_RE.search(record[example_spec.FILENAME].decode()).group(1))
+        assert record[example_spec.SYNSET].decode() == labels[number]
+
+
+def test_shards_are_shuffled_mixes_of_classes(demo_data):
+    records = _records(demo_data, "train")
+    for shard in {r["shard"] for r in records}:
+        labels = [r[example_spec.LABEL] for r in records if r["shard"] == shard]
+        assert len(set(labels)) >= 5, f"{shard} holds only classes {set(labels)}"
+
+
+def test_statistics_are_those_of_the_written_training_images(demo_data, demo_raw):
+    pixels = []
+    for path in sorted(glob.glob(os.path.join(demo_raw, "train", "*", "*"))):
+        with open(path, "rb") as f, contextlib.suppress(images.Rejected):
+            pixels.append(images.convert(f.read())[1])
+    pixels = np.stack(pixels).astype(np.float64)
+    stats = np.load(os.path.join(demo_data, "stats.npz"))
+    assert stats["image_count"] == len(pixels)
+    np.testing.assert_allclose(stats["mean_image"], pixels.mean(axis=0), atol=1e-9)
+    covariance = np.cov(pixels.reshape(-1, 3), rowvar=False, bias=True)
+    np.testing.assert_allclose(stats["eigenvalues"], np.linalg.eigvalsh(covariance)[::-1], rtol=1e-9)
+    with open(os.path.join(demo_data, "stats.json")) as f:
+        assert json.load(f)["eigenvalues"] == pytest.approx(stats["eigenvalues"].tolist())
+
+
+def test_rerun_is_deterministic_and_replaces_the_previous_output(demo_data, demo_raw, tmp_path):
+    out = str(tmp_path / "out")
+    run_conversion(demo_raw, out, num_shards={"train": 3, "validation": 1})
+    run_conversion(demo_raw, out)  # Same as the fixture's run: 4 + 2 shards, seed 0.
+    names = sorted(os.listdir(out))
+    assert [n for n in names if n.startswith("train-")] == [f"train-{i:05d}-of-00004" for i in range(4)]
+    assert not [n for n in names if n.startswith(".staging")]
+    for name in names:
+        if name.startswith(("train-", "validation-")):
+            with open(os.path.join(out, name), "rb") as a, open(os.path.join(demo_data, name), "rb") as b:
+                assert a.read() == b.read(), name
+
+
+def test_real_photos_and_oddities_are_all_accounted_for(tmp_path):
+    root = os.path.join(photos_dir(), "oddities")
+    out = run_conversion(root, str(tmp_path / "out"), num_shards={"train": 2, "validation": 1})
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["train"]["seen"] == 12
+    assert summary["train"]["written"] == 10 and summary["train"]["rejected"] == 2
+    with open(os.path.join(out, "rejected.tsv")) as f:
+        reasons = {os.path.basename(line.split("\t")[1]): line.split("\t")[2] for line in list(f)[1:]}
+    assert reasons.keys() == {"n02123045_empty.JPEG", "n02123045_truncated50.JPEG"}
+
+
+def test_unknown_flags_are_fatal():
+    with pytest.raises(app.UsageError, match="--no_such_flag"):
+        build_tfrecords.pipeline_options(["--no_such_flag=1"])
+    assert build_tfrecords.pipeline_options(["--runner=DirectRunner"]) is not None

@@ -1,0 +1,32 @@
+import keras
+import numpy as np
+import pytest
+
+from model import recipe
+
+
+def test_paper_sgd_is_the_papers_update_rule():
+    layer = keras.layers.Dense(2)
+    layer.build((None, 3))
+    w0, b0 = layer.kernel.numpy().copy(), layer.bias.numpy().copy()
+    lr, decay = 0.1, 0.0005
+    opt = recipe.PaperSGD(lr, 0.9, decay)
+    grads = [np.full((3, 2), 0.5, np.float32), np.full((2,), 0.25, np.float32)]
+    # §5: v <- 0.9 v - 0.0005 lr w - lr g; w <- w + v. No decay on biases.
+    v_w, v_b = -decay * lr * w0 - lr * grads[0], -lr * grads[1]
+    w1, b1 = w0 + v_w, b0 + v_b
+    v_w, v_b = 0.9 * v_w - decay * lr * w1 - lr * grads[0], 0.9 * v_b - lr * grads[1]
+    for _ in range(2):
+        opt.apply_gradients(zip(grads, [layer.kernel, layer.bias], strict=False))
+    np.testing.assert_allclose(layer.kernel.numpy(), w1 + v_w, rtol=1e-6)
+    np.testing.assert_allclose(layer.bias.numpy(), b1 + v_b, rtol=1e-6)
+
+
+def test_top_k_error():
+    logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]], np.float32)
+    labels = np.array([1, 2, 0])
+    top1, top2 = recipe.TopKError(k=1), recipe.TopKError(k=2)
+    top1.update_state(labels, logits)
+    top2.update_state(labels, logits)
+    assert float(top1.result()) == pytest.approx(2 / 3)
+    assert float(top2.result()) == pytest.approx(1 / 3)
