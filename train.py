@@ -25,6 +25,7 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", recipe.LEARNING_RATE, "Init
 _MOMENTUM = flags.DEFINE_float("momentum", recipe.MOMENTUM, "SGD momentum (§5: 0.9).")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", recipe.WEIGHT_DECAY, "Weight decay, as in §5's update rule.")
 _LR_PATIENCE = flags.DEFINE_integer("lr_patience", 5, "Epochs without a better validation error before lr / 10.")
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 0, "Linear lr warm-up steps; 0 as in the paper.")
 _LR_DROPS = flags.DEFINE_integer("lr_drops", 3, "How many times the learning rate is divided by 10 at most (§5: 3).")
 _WEIGHT_STD = flags.DEFINE_float("weight_std", 0.01, "Std of the N(0, std) weight init (§5: 0.01).")
 _DROPOUT = flags.DEFINE_float("dropout", 0.5, "Dropout rate on fc6 and fc7 outputs (§4.2: 0.5).")
@@ -98,6 +99,7 @@ def train(
     weight_decay,
     lr_patience,
     lr_drops,
+    warmup_steps,
     image_size,
     crop_size,
     lighting_std,
@@ -110,9 +112,9 @@ def train(
 ):
     """Trains with the paper's recipe; returns the final evaluation dict (also written to eval.json)."""
     keras.utils.set_random_seed(seed)
-    counts, stats = data_input.load_summary(data_dir), data_input.load_stats(data_dir)
     train_ds = data_input.dataset(data_dir, "train", batch_size=batch_size, training=True, image_size=image_size)
     val_ds = data_input.dataset(data_dir, "validation", batch_size=batch_size, training=False, image_size=image_size)
+    counts, stats = data_input.load_summary(data_dir), data_input.load_stats(data_dir)
     with strategy.scope():
         classifier, preprocess, net = build_classifier(
             counts["classes"],
@@ -130,13 +132,23 @@ def train(
         classifier.compile(optimizer=optimizer, loss=loss, metrics=recipe.metrics())
     callbacks = [
         keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
+        recipe.LinearWarmup(warmup_steps),
         # §5: divide by 10 when the validation error stops improving, three times in all.
         keras.callbacks.ReduceLROnPlateau(
-            "val_top1_error", factor=0.1, patience=lr_patience, min_lr=learning_rate * 0.1**lr_drops, verbose=1
+            "val_top1_error",
+            factor=0.1,
+            patience=lr_patience,
+            mode="min",
+            min_lr=learning_rate * 0.1**lr_drops,
+            verbose=1,
         ),
         keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "latest.weights.h5"), save_weights_only=True),
         keras.callbacks.ModelCheckpoint(
-            os.path.join(model_dir, "best.weights.h5"), "val_top1_error", save_best_only=True, save_weights_only=True
+            os.path.join(model_dir, "best.weights.h5"),
+            "val_top1_error",
+            mode="min",
+            save_best_only=True,
+            save_weights_only=True,
         ),
         keras.callbacks.TensorBoard(model_dir, update_freq=log_every_steps),
         summaries.Summaries(
@@ -171,6 +183,7 @@ def main(argv):
         weight_decay=_WEIGHT_DECAY.value,
         lr_patience=_LR_PATIENCE.value,
         lr_drops=_LR_DROPS.value,
+        warmup_steps=_WARMUP_STEPS.value,
         image_size=int(_IMAGE_SIZE.value),
         crop_size=_CROP_SIZE.value,
         lighting_std=_LIGHTING_STD.value,

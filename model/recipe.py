@@ -32,12 +32,34 @@ class PaperSGD(keras.optimizers.SGD):
         return {**super().get_config(), "coupled_decay": self.coupled_decay}
 
 
+class LinearWarmup(keras.callbacks.Callback):
+    """Ramps the learning rate linearly up to its value over the first `steps` steps. Not in the paper (steps=0
+    there): a short run with few classes needs it to survive the first steps at a useful rate (README)."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def on_train_begin(self, logs=None):
+        self.target = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step <= self.steps:
+            self.model.optimizer.learning_rate = self.target * min(1.0, (self.step + 1) / (self.steps + 1))
+        self.step += 1
+
+
 class TopKError(keras.metrics.SparseTopKCategoricalAccuracy):
     """Top-k error (§6 reports errors, not accuracies): the fraction of images whose label is not in the top k."""
+
+    def __init__(self, k=5, name=None, **kwargs):
+        super().__init__(k=k, name=name or f"top{k}_error", **kwargs)
+        self._direction = "down"  # Callbacks in mode "auto" (plateau, best checkpoint) must minimize it.
 
     def result(self):
         return 1.0 - super().result()
 
 
 def metrics():
-    return [TopKError(k=1, name="top1_error"), TopKError(k=5, name="top5_error")]
+    return [TopKError(k=1), TopKError(k=5)]

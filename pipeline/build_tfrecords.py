@@ -10,13 +10,12 @@ Flags this module does not know are Beam pipeline options; on DirectRunner both 
 
 import json
 import logging
-import sys
 import uuid
 
 import apache_beam as beam
 from absl import app, flags
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, WorkerOptions
 
 from pipeline import images, sources, stats, transforms
 
@@ -101,11 +100,13 @@ def pipeline_options(beam_args):
     unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
     if unknown:
         raise app.UsageError(f"unknown flags (neither this job's nor Beam's): {sorted(unknown)}")
-    if options.view_as(StandardOptions).runner in (None, "DirectRunner"):
+    given = {a.split("=")[0] for a in beam_args}
+    if options.view_as(StandardOptions).runner in (None, "DirectRunner") and "--direct_num_workers" not in given:
         direct = options.view_as(DirectOptions)
-        if not any(a.startswith("--direct_num_workers") for a in beam_args):
-            direct.direct_num_workers = 0  # One worker per core.
-            direct.direct_running_mode = "multi_processing"
+        direct.direct_num_workers = 0  # One worker per core.
+        direct.direct_running_mode = "multi_processing"
+    if "--default_sdk_harness_log_level" not in given:
+        options.view_as(WorkerOptions).default_sdk_harness_log_level = "WARNING"  # Progress is logged as warnings.
     return options
 
 
@@ -135,5 +136,5 @@ def _parse_flags(argv):
 
 if __name__ == "__main__":
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # Progress (transforms.py) is logged as warnings.
     app.run(main, flags_parser=_parse_flags)
-    sys.exit(0)

@@ -17,7 +17,8 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-# (wnid, name, hue): made-up wnids in ImageNet's form; each class leans towards its own hue, loosely.
+# (wnid, name, hue): made-up wnids in ImageNet's form; each class leans towards its own hue (saturation,
+# brightness and shading vary), so a short CPU run can learn them; the shapes must do the rest.
 CLASSES = (
     ("n90000001", "disc", 0.00),
     ("n90000002", "ring", 0.10),
@@ -34,7 +35,7 @@ MIN_SIDE, MAX_SIDE = 200, 700
 VAL_LABELS = "validation_labels.txt"
 
 
-def _rgb(rng, hue, spread=0.12):
+def _rgb(rng, hue, spread=0.04):
     h = (hue + rng.normal(0, spread)) % 1.0
     s, v = rng.uniform(0.5, 1.0), rng.uniform(0.45, 1.0)
     i, f = int(h * 6) % 6, h * 6 - int(h * 6)
@@ -111,7 +112,7 @@ def draw_image(class_index, rng):
     _, name, hue = CLASSES[class_index]
     width, height = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
     img = _background(rng, width, height)
-    size = int(min(width, height) * rng.uniform(0.35, 0.8))
+    size = int(min(width, height) * rng.uniform(0.45, 0.85))
     # Anywhere inside the central square, so §2's centre crop keeps the object (mostly) in view.
     side = min(width, height)
     left = (width - side) // 2 + int(rng.integers(0, side - size + 1))

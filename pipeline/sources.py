@@ -27,11 +27,6 @@ def train_pattern(input_dir):
     return FileSystems.join(input_dir, "train", "*", "*")
 
 
-def val_patterns(input_dir):
-    """(class-folder pattern, flat pattern) for the validation split."""
-    return FileSystems.join(input_dir, "val", "*", "*"), FileSystems.join(input_dir, "val", "*")
-
-
 def match(pattern):
     """Sorted paths of the files matching pattern (an empty list when none)."""
     result = FileSystems.match([pattern])[0]
@@ -55,8 +50,8 @@ def read_val_labels(path):
 
 
 def val_wnid(path, val_labels):
-    """The wnid of a validation file: its class folder, or its number in the labels file; None if unknown."""
-    match_ = VAL_FILE_RE.search(path)
-    if val_labels is not None and match_:
-        return val_labels.get(int(match_.group(1)))
-    return None if val_labels is not None else wnid_of(path)
+    """The wnid of a flat val/ file, by its number in the labels file; None if it has none."""
+    number = VAL_FILE_RE.search(path)
+    if val_labels is None or not number:
+        return None
+    return val_labels.get(int(number.group(1)))

@@ -93,7 +93,7 @@ def test_bad_input_is_rejected_with_its_reason(data, kwargs, reason):
 
 
 # What each real-world oddity in ../shared/data/photos/oddities must give: the original photo's conversion
-# (within JPEG noise), a different but valid crop, or a rejection with this reason.
+# (within JPEG noise), that turned clockwise, a different but valid crop, or a rejection with this reason.
 ODDITIES = {
     "n02123045_cmyk.JPEG": "same",
     "n02123045_empty.JPEG": "empty file",
@@ -102,7 +102,7 @@ ODDITIES = {
     "n02123045_progressive.JPEG": "same",
     "n02123045_truncated50.JPEG": "truncated",
     "n07920052_bmp_named_jpeg.JPEG": "same",
-    "n07920052_exif_orient6.JPEG": "same",
+    "n07920052_exif_orient6.JPEG": "turned",  # The original's pixels, tagged 6: shown turned 90 deg clockwise.
     "n07920052_huge_8000x5333.JPEG": "same",
     "n07920052_panorama_3000x80.JPEG": "valid",
     "n07920052_rgba_png_named_jpeg.JPEG": "same",
@@ -116,17 +116,19 @@ def test_real_oddities_are_converted_or_rejected_as_designed(name, expected):
     wnid = name.split("_")[0]
     with open(os.path.join(root, "oddities", "train", wnid, name), "rb") as f:
         data = f.read()
-    if expected not in ("same", "gray", "valid"):
+    if expected not in ("same", "turned", "gray", "valid"):
         with pytest.raises(images.Rejected, match=expected):
             images.convert(data)
         return
     _, pixels = images.convert(data)
     with open(os.path.join(root, "train", wnid, f"{wnid}_0.JPEG"), "rb") as f:
         _, original = images.convert(f.read())
+    if expected == "turned":
+        original = np.rot90(original, k=-1)
     if expected == "gray":
         luma = np.asarray(Image.fromarray(original).convert("L"), float)
         assert np.abs(pixels[..., 0] - luma).mean() < 4.0
-    elif expected == "same":
+    elif expected in ("same", "turned"):
         assert np.abs(pixels.astype(float) - original).mean() < 4.0
     else:
         assert pixels.shape == (256, 256, 3) and pixels.std() > 10

@@ -24,9 +24,27 @@ def test_paper_sgd_is_the_papers_update_rule():
 
 def test_top_k_error():
     logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]], np.float32)
-    labels = np.array([1, 2, 0])
+    labels = np.array([1, 1, 0])  # Right at top 1; in the top 2 only; in neither.
     top1, top2 = recipe.TopKError(k=1), recipe.TopKError(k=2)
     top1.update_state(labels, logits)
     top2.update_state(labels, logits)
     assert float(top1.result()) == pytest.approx(2 / 3)
     assert float(top2.result()) == pytest.approx(1 / 3)
+
+
+def _plateau_lr(errors, mode="auto"):
+    """The learning rate after ReduceLROnPlateau (patience 1) sees these validation top-1 errors."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    model.compile(optimizer=recipe.PaperSGD(0.01), loss="sparse_categorical_crossentropy", metrics=recipe.metrics())
+    model.evaluate(np.zeros((2, 2)), np.zeros(2), verbose=0)  # Builds the metrics, as fit() does.
+    callback = keras.callbacks.ReduceLROnPlateau("val_top1_error", patience=1, mode=mode)
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch, error in enumerate(errors):
+        callback.on_epoch_end(epoch, {"val_top1_error": error})
+    return float(model.optimizer.learning_rate.numpy())
+
+
+def test_plateau_callbacks_minimize_the_error_even_in_auto_mode():
+    assert _plateau_lr([0.9, 0.7, 0.5, 0.3]) == pytest.approx(0.01)  # Improving: the rate stays.
+    assert _plateau_lr([0.9, 0.7, 0.8]) == pytest.approx(0.001)  # Worse: divided by 10 (§5).

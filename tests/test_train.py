@@ -35,6 +35,7 @@ def trained(demo_data, tmp_path_factory):
         weight_decay=0.0005,
         lr_patience=1,
         lr_drops=3,
+        warmup_steps=2,
         image_size=128,
         crop_size=112,
         lighting_std=0.1,

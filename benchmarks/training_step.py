@@ -1,0 +1,78 @@
+r"""The training step as a fraction of this machine's matmul roofline, measured in the same run.
+
+    python benchmarks/training_step.py [--batch_size=128] [--steps=5] [--precisions=float32,mixed_bfloat16]
+
+A training image costs ~4.35 GFLOP (3 x the 1.45 GFLOP forward pass at 224x224). The roofline is the best
+tf.matmul rate of the same dtype; the machine is shared, so only same-run ratios mean anything.
+"""
+
+import time
+
+import keras
+import tensorflow as tf
+from absl import app, flags
+
+from model import build_alexnet, recipe
+
+GFLOP_PER_IMAGE = 4.35
+
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after warm-up.")
+_PRECISIONS = flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16"], "Keras dtype policies to time.")
+
+
+def matmul_peak(dtype, n=4096, repeats=10):
+    """GFLOP/s of the best of `repeats` n x n matmuls."""
+    a = tf.random.normal((n, n), dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    mm = tf.function(lambda x: tf.matmul(x, x))
+    mm(a).numpy()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mm(a).numpy()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def train_rate(precision, batch, steps):
+    """Training images/s of the paper's model (1000 classes, 224x224) with the paper's update rule."""
+    keras.mixed_precision.set_global_policy(precision)
+    net = build_alexnet(1000)
+    keras.mixed_precision.set_global_policy("float32")
+    optimizer = recipe.PaperSGD()
+    x = tf.random.normal((batch, 224, 224, 3), stddev=50.0)
+    y = tf.random.uniform((batch,), 0, 1000, tf.int32)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            logits = net(x, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, tf.cast(logits, tf.float32)))
+        grads = tape.gradient(loss, net.trainable_variables)
+        optimizer.apply_gradients(zip(grads, net.trainable_variables, strict=True))
+        return loss
+
+    step(x, y).numpy()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step(x, y)
+    loss.numpy()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def main(argv):
+    del argv
+    for precision in _PRECISIONS.value:
+        dtype = tf.bfloat16 if "bfloat16" in precision else tf.float16 if "float16" in precision else tf.float32
+        peak = matmul_peak(dtype)
+        rate = train_rate(precision, _BATCH.value, _STEPS.value)
+        achieved = rate * GFLOP_PER_IMAGE
+        print(
+            f"{precision}: matmul peak {peak:.0f} GFLOP/s; training {rate:.1f} img/s = {achieved:.0f} GFLOP/s "
+            f"= {achieved / peak:.0%} of the roofline"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
