@@ -10,14 +10,13 @@ Flags this module does not know are Beam pipeline options; on DirectRunner both 
 
 import json
 import logging
-import uuid
 
 import apache_beam as beam
 from absl import app, flags
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, WorkerOptions
 
-from pipeline import images, sources, stats, transforms
+from pipeline import images, sources, transforms
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Raw ImageNet folder holding train/ and val/.", required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the shards and statistics go.", required=True)
@@ -33,65 +32,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the shuffle that assigns images
 _QUALITY = flags.DEFINE_integer("jpeg_quality", images.JPEG_QUALITY, "JPEG quality of the stored images.", 1, 100)
 _MIN_SIDE = flags.DEFINE_integer("min_side", images.MIN_SIDE, "Reject images with a side shorter than this.")
 _MAX_PIXELS = flags.DEFINE_integer("max_pixels", images.MAX_PIXELS, "Reject images with more pixels than this.")
-
-
-def build_pipeline(p, *, input_dir, output_dir, num_shards, seed, val_labels_file, convert_kwargs):
-    """Adds the whole job to pipeline p."""
-    staging_dir = FileSystems.join(output_dir, f".staging-{uuid.uuid4().hex}")
-    files = {
-        split: p | f"List{split.title()}" >> transforms.ListImages(split, input_dir, val_labels_file)
-        for split in transforms.SPLITS
-    }
-    wnids = (
-        files["train"]
-        | "Wnids" >> beam.Values()
-        | "KnownWnids" >> beam.Filter(bool)
-        | "Distinct" >> beam.Distinct()
-        | "Collect" >> beam.combiners.ToList()
-        | "Sort" >> beam.Map(sorted)
-    )
-    seen, shards, rejected, pixels = [], [], [], None
-    for split in transforms.SPLITS:
-        name = split.title()
-        seen.append(files[split] | f"Count{name}" >> beam.combiners.Count.Globally() | f"Key{name}" >> _KeyBy(split))
-        converted = files[split] | f"Convert{name}" >> transforms.ConvertImages(
-            split,
-            input_dir=input_dir,
-            wnids=wnids,
-            num_shards=num_shards[split],
-            seed=seed,
-            convert_kwargs=convert_kwargs,
-        )
-        shards.append(
-            converted.records | f"Write{name}" >> transforms.WriteShards(split, staging_dir, num_shards[split])
-        )
-        rejected.append(converted.rejected)
-        pixels = converted.pixels if split == "train" else pixels
-    pixel_stats = pixels | "PixelStats" >> beam.CombineGlobally(stats.PixelStatsFn()).without_defaults()
-    return p | "Finalize" >> transforms.Finalize(
-        output_dir,
-        staging_dir,
-        num_shards,
-        shards=shards | "AllShards" >> beam.Flatten(),
-        seen=seen | "AllSeen" >> beam.Flatten(),
-        rejected=rejected | "AllRejected" >> beam.Flatten(),
-        wnids=wnids,
-        pixel_stats=pixel_stats,
-    )
-
-
-def _KeyBy(key):  # noqa: N802 (reads as a transform label)
-    return beam.Map(lambda value, key=key: (key, value))
-
-
-def resolve_val_labels(input_dir, val_labels_file):
-    """The labels file for a flat val/ folder: the flag, else one beside the data, else tensorflow-datasets'."""
-    if val_labels_file:
-        if not FileSystems.exists(val_labels_file):
-            raise app.UsageError(f"--val_labels_file={val_labels_file} does not exist")
-        return val_labels_file
-    beside = FileSystems.join(input_dir, "validation_labels.txt")
-    return beside if FileSystems.exists(beside) else sources.tfds_val_labels_file()
 
 
 def pipeline_options(beam_args):
@@ -112,19 +52,23 @@ def pipeline_options(beam_args):
 
 def main(argv):
     input_dir, output_dir = _INPUT_DIR.value, _OUTPUT_DIR.value
+    options = pipeline_options(argv[1:])
     if not sources.match(sources.train_pattern(input_dir)):
         raise app.UsageError(f"--input_dir={input_dir} has no files in train/<wnid>/: is it ImageNet's layout?")
-    options = pipeline_options(argv[1:])
-    kwargs = dict(
+    try:
+        val_labels_file = sources.resolve_val_labels(input_dir, _VAL_LABELS.value)
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
+    job = transforms.ConvertImageNet(
         input_dir=input_dir,
         output_dir=output_dir,
         num_shards={"train": _TRAIN_SHARDS.value, "validation": _VAL_SHARDS.value},
         seed=_SEED.value,
-        val_labels_file=resolve_val_labels(input_dir, _VAL_LABELS.value),
+        val_labels_file=val_labels_file,
         convert_kwargs=dict(quality=_QUALITY.value, min_side=_MIN_SIDE.value, max_pixels=_MAX_PIXELS.value),
     )
     with beam.Pipeline(options=options) as p:
-        build_pipeline(p, **kwargs)
+        _ = p | "ConvertImageNet" >> job
     with FileSystems.open(FileSystems.join(output_dir, "summary.json")) as f:
         summary = json.load(f)
     print(f"Wrote {output_dir}: {json.dumps(summary)}")

@@ -59,8 +59,13 @@ def decode(serialized, image_size=example_spec.IMAGE_SIZE):
     return image, tf.cast(features[example_spec.LABEL], tf.int32)
 
 
-def dataset(data_dir, split, *, batch_size, training, image_size=example_spec.IMAGE_SIZE, seed=None):
-    """Batches of (uint8 images, labels); training data is shuffled and repeats forever."""
+def dataset(
+    data_dir, split, *, batch_size, training, image_size=example_spec.IMAGE_SIZE, seed=None, whole_batches=None
+):
+    """Batches of (uint8 images, labels); training data is shuffled and repeats forever.
+
+    whole_batches (default: when training) drops a final partial batch.
+    """
     if example_spec.IMAGE_SIZE % image_size or example_spec.IMAGE_SIZE // image_size not in (1, 2, 4, 8):
         raise ValueError(f"image_size={image_size}: must be 256, 128, 64 or 32 (JPEG DCT scaling)")
     files = shard_files(data_dir, split)
@@ -76,4 +81,5 @@ def dataset(data_dir, split, *, batch_size, training, image_size=example_spec.IM
     if training:
         ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed)
     ds = ds.map(lambda s: decode(s, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
-    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+    whole_batches = training if whole_batches is None else whole_batches
+    return ds.batch(batch_size, drop_remainder=whole_batches).prefetch(tf.data.AUTOTUNE)

@@ -55,3 +55,13 @@ def val_wnid(path, val_labels):
     if val_labels is None or not number:
         return None
     return val_labels.get(int(number.group(1)))
+
+
+def resolve_val_labels(input_dir, val_labels_file=None):
+    """The labels file for a flat val/ folder: the one given, else one beside the data, else tensorflow-datasets'."""
+    if val_labels_file:
+        if not FileSystems.exists(val_labels_file):
+            raise FileNotFoundError(f"--val_labels_file={val_labels_file} does not exist")
+        return val_labels_file
+    beside = FileSystems.join(input_dir, "validation_labels.txt")
+    return beside if FileSystems.exists(beside) else tfds_val_labels_file()

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 
 import apache_beam as beam
 import numpy as np
@@ -19,7 +20,7 @@ import tensorflow as tf
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import example_spec, images, sources
+from pipeline import example_spec, images, sources, stats
 
 SPLITS = ("train", "validation")
 OUTPUT_GLOBS = ("summary.json", "train-*-of-*", "validation-*-of-*", "stats.npz", "stats.json", "labels.txt")
@@ -271,4 +272,55 @@ class Finalize(beam.PTransform):
                 wnids=beam.pvalue.AsSingleton(i["wnids"]),
                 pixel_stats=beam.pvalue.AsSingleton(i["pixel_stats"]),
             )
+        )
+
+
+class ConvertImageNet(beam.PTransform):
+    """The whole job: raw ImageNet layout in input_dir -> shards, statistics and summaries in output_dir."""
+
+    def __init__(self, *, input_dir, output_dir, num_shards, seed, val_labels_file, convert_kwargs):
+        super().__init__()
+        self.input_dir, self.output_dir, self.num_shards, self.seed = input_dir, output_dir, num_shards, seed
+        self.val_labels_file, self.convert_kwargs = val_labels_file, convert_kwargs
+
+    def expand(self, p):
+        staging_dir = FileSystems.join(self.output_dir, f".staging-{uuid.uuid4().hex}")
+        files = {
+            split: p | f"List{split.title()}" >> ListImages(split, self.input_dir, self.val_labels_file)
+            for split in SPLITS
+        }
+        wnids = (
+            files["train"]
+            | "Wnids" >> beam.Values()
+            | "KnownWnids" >> beam.Filter(bool)
+            | "Distinct" >> beam.Distinct()
+            | "Collect" >> beam.combiners.ToList()
+            | "Sort" >> beam.Map(sorted)
+        )
+        seen, shards, rejected, pixels = [], [], [], None
+        for split in SPLITS:
+            name = split.title()
+            count = files[split] | f"Count{name}" >> beam.combiners.Count.Globally()
+            seen.append(count | f"Key{name}" >> beam.Map(lambda n, split=split: (split, n)))
+            converted = files[split] | f"Convert{name}" >> ConvertImages(
+                split,
+                input_dir=self.input_dir,
+                wnids=wnids,
+                num_shards=self.num_shards[split],
+                seed=self.seed,
+                convert_kwargs=self.convert_kwargs,
+            )
+            shards.append(converted.records | f"Write{name}" >> WriteShards(split, staging_dir, self.num_shards[split]))
+            rejected.append(converted.rejected)
+            pixels = converted.pixels if split == "train" else pixels
+        pixel_stats = pixels | "PixelStats" >> beam.CombineGlobally(stats.PixelStatsFn()).without_defaults()
+        return p | "Finalize" >> Finalize(
+            self.output_dir,
+            staging_dir,
+            self.num_shards,
+            shards=shards | "AllShards" >> beam.Flatten(),
+            seen=seen | "AllSeen" >> beam.Flatten(),
+            rejected=rejected | "AllRejected" >> beam.Flatten(),
+            wnids=wnids,
+            pixel_stats=pixel_stats,
         )

@@ -33,20 +33,21 @@ def demo_raw(tmp_path_factory):
 def run_conversion(input_dir, output_dir, **overrides):
     """The Beam job in-process on the DirectRunner (one worker: fast to start in tests)."""
     import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline import build_tfrecords
+    from pipeline import sources, transforms
 
     kwargs = dict(
         input_dir=input_dir,
         output_dir=output_dir,
         num_shards={"train": 4, "validation": 2},
         seed=0,
-        val_labels_file=build_tfrecords.resolve_val_labels(input_dir, None),
+        val_labels_file=sources.resolve_val_labels(input_dir),
         convert_kwargs={},
     )
     kwargs.update(overrides)
-    with beam.Pipeline(options=build_tfrecords.pipeline_options(["--direct_num_workers=1"])) as p:
-        build_tfrecords.build_pipeline(p, **kwargs)
+    with beam.Pipeline(options=PipelineOptions(direct_num_workers=1)) as p:
+        _ = p | transforms.ConvertImageNet(**kwargs)
     return output_dir
 
 

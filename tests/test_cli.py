@@ -49,9 +49,13 @@ def test_train_rejects_unknown_flags(tmp_path):
     assert result.returncode != 0 and "learnin_rate" in result.stderr
 
 
-def test_config_files_parse():
-    for name in ("paper.flags", "demo.flags"):
-        result = _run(
-            "train.py", f"--flagfile=configs/{name}", "--data_dir=/nonexistent", "--model_dir=/tmp/x", "--help"
-        )
-        assert result.returncode == 0, (name, result.stderr[-2000:])
+@pytest.mark.parametrize("name, learning_rate", [("paper.flags", "0.01"), ("demo.flags", "0.005")])
+def test_config_files_parse_into_train_flags(name, learning_rate):
+    code = (
+        "import train; from absl import flags; "
+        f"flags.FLAGS(['train.py', '--flagfile=configs/{name}', '--data_dir=d', '--model_dir=m']); "
+        "print(flags.FLAGS.learning_rate)"
+    )
+    result = _run("-c", code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == learning_rate

@@ -6,9 +6,9 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-import train
-from model import build_alexnet
+from model import build_alexnet, training
 from model.augment import Preprocess
+from pipeline import input as data_input
 
 
 def _tags(folder):
@@ -25,7 +25,7 @@ def _tags(folder):
 def trained(demo_data, tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("model"))
     strategy = tf.distribute.MirroredStrategy(["/device:CPU:0", "/device:CPU:1"])
-    result = train.train(
+    result = training.train(
         data_dir=demo_data,
         model_dir=model_dir,
         epochs=2,
@@ -79,18 +79,18 @@ def test_ten_crop_evaluation_averages_softmax_over_the_ten_patches():
     images = np.zeros((1, 16, 16, 3), np.uint8)
     images[0, 0, 0] = 255  # Only the top-left corner patch sees it: 1 of 10 patches votes 1.
     ds = tf.data.Dataset.from_tensors((images, np.array([1], np.int32)))
-    ten = train.evaluate(preprocess, net, ds, crops=10)
+    ten = training.evaluate(preprocess, net, ds, crops=10)
     assert ten["top1_error"] == 1.0 and ten["top5_error"] == 0.0
     images[0, 2, 2] = 255  # The centre patch's top-left: the single centre crop now votes 1.
     ds = tf.data.Dataset.from_tensors((images, np.array([1], np.int32)))
-    assert train.evaluate(preprocess, net, ds, crops=1)["top1_error"] == 0.0
+    assert training.evaluate(preprocess, net, ds, crops=1)["top1_error"] == 0.0
 
 
 def test_checkpoint_restores_into_a_model_with_towers_on_two_devices(trained, demo_data):
     model_dir, _ = trained
-    stats = train.data_input.load_stats(demo_data)
+    stats = data_input.load_stats(demo_data)
     kwargs = dict(image_size=128, crop_size=112, lighting_std=0.1)
-    classifier, _, net = train.build_classifier(10, stats, **kwargs, tower_devices=("/CPU:0", "/CPU:1"))
+    classifier, _, net = training.build_classifier(10, stats, **kwargs, tower_devices=("/CPU:0", "/CPU:1"))
     classifier.load_weights(os.path.join(model_dir, "latest.weights.h5"), skip_mismatch=False)
     plain = build_alexnet(10, input_size=112)
     assert any(not np.array_equal(a, b) for a, b in zip(net.get_weights(), plain.get_weights(), strict=False))
