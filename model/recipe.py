@@ -50,15 +50,26 @@ class LinearWarmup(keras.callbacks.Callback):
         self.step += 1
 
 
-class TopKError(keras.metrics.SparseTopKCategoricalAccuracy):
-    """Top-k error (§6 reports errors, not accuracies): the fraction of images whose label is not in the top k."""
+class TopKError(keras.metrics.Mean):
+    """Top-k error (§6 reports errors): the fraction of images whose label is not among the k largest logits.
+
+    A mean of misses, declared 'down' so that callbacks in mode "auto" (plateau, best checkpoint) minimize it;
+    1 - SparseTopKCategoricalAccuracy would inherit the accuracy's 'up'.
+    """
 
     def __init__(self, k=5, name=None, **kwargs):
-        super().__init__(k=k, name=name or f"top{k}_error", **kwargs)
-        self._direction = "down"  # Callbacks in mode "auto" (plateau, best checkpoint) must minimize it.
+        super().__init__(name=name or f"top{k}_error", **kwargs)
+        self.k = k
+        self._direction = "down"  # Callbacks in mode "auto" (plateau, best checkpoint) minimize it.
 
-    def result(self):
-        return 1.0 - super().result()
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        labels = keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,))
+        logits = keras.ops.reshape(keras.ops.cast(y_pred, "float32"), (keras.ops.shape(labels)[0], -1))
+        missed = 1.0 - keras.ops.cast(keras.ops.in_top_k(labels, logits, self.k), "float32")
+        return super().update_state(missed, sample_weight=sample_weight)
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k}
 
 
 def metrics():

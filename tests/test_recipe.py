@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from model import recipe
 
@@ -30,6 +31,21 @@ def test_top_k_error():
     top2.update_state(labels, logits)
     assert float(top1.result()) == pytest.approx(2 / 3)
     assert float(top2.result()) == pytest.approx(1 / 3)
+
+
+def test_top_k_error_in_compiled_evaluation_with_static_batches():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 4)).astype(np.float32), rng.integers(0, 10, 96).astype(np.int32)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(10)])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=recipe.metrics())
+    logits = model.predict(x, verbose=0)
+    expected = {
+        k: np.mean([label not in np.argsort(-row)[:k] for row, label in zip(logits, y, strict=True)]) for k in (1, 5)
+    }
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)  # Static batch dimension.
+    result = model.evaluate(ds, verbose=0, return_dict=True)
+    assert result["top1_error"] == pytest.approx(expected[1], abs=1e-6)
+    assert result["top5_error"] == pytest.approx(expected[5], abs=1e-6)
 
 
 def _plateau_lr(errors, mode="auto"):

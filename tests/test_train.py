@@ -94,3 +94,19 @@ def test_checkpoint_restores_into_a_model_with_towers_on_two_devices(trained, de
     classifier.load_weights(os.path.join(model_dir, "latest.weights.h5"), skip_mismatch=False)
     plain = build_alexnet(10, input_size=112)
     assert any(not np.array_equal(a, b) for a, b in zip(net.get_weights(), plain.get_weights(), strict=False))
+
+
+def test_logged_validation_error_is_that_of_the_validation_images(trained, demo_data):
+    model_dir, _ = trained
+    acc = event_accumulator.EventAccumulator(os.path.join(model_dir, "validation"), size_guidance={"tensors": 0})
+    acc.Reload()
+    logged = float(tf.make_ndarray(acc.Tensors("epoch_top1_error")[-1].tensor_proto))
+    stats = data_input.load_stats(demo_data)
+    classifier, preprocess, net = training.build_classifier(10, stats, image_size=128, crop_size=112, lighting_std=0.1)
+    classifier.load_weights(os.path.join(model_dir, "latest.weights.h5"))
+    whole = data_input.dataset(
+        demo_data, "validation", batch_size=16, training=False, image_size=128, whole_batches=True
+    )
+    expected = training.evaluate(preprocess, net, whole, crops=1)
+    assert expected["images"] == 16
+    assert logged == pytest.approx(expected["top1_error"], abs=1e-6)
