@@ -15,7 +15,7 @@ $(VENV)/installed: setup.py
 
 # Raw demo images -> Beam conversion (DirectRunner, both cores) -> training under MirroredStrategy -> 10-crop eval.
 demo: $(VENV)/installed
-	$(PY) -m pipeline.demo_data --output_dir=$(DEMO)/raw
+	$(PY) -m pipeline.make_demo_data --output_dir=$(DEMO)/raw
 	$(PY) -m pipeline.build_tfrecords --input_dir=$(DEMO)/raw --output_dir=$(DEMO)/data \
 		--train_shards=8 --validation_shards=2
 	rm -rf $(DEMO)/model

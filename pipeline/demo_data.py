@@ -1,6 +1,6 @@
 """An embedded demo dataset in raw ImageNet's layout, drawn from a seed: no download needed.
 
-    python -m pipeline.demo_data --output_dir=demo/raw
+    python -m pipeline.make_demo_data --output_dir=demo/raw
 
 Writes train/<wnid>/<wnid>_<i>.JPEG, val/ILSVRC2012_val_<8 digits>.JPEG and validation_labels.txt (one wnid per
 validation image, in file-number order: the format of tensorflow-datasets' imagenet2012 validation labels).
@@ -14,7 +14,6 @@ import math
 import os
 
 import numpy as np
-from absl import app, flags
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 # (wnid, name, hue): made-up wnids in ImageNet's form; each class leans towards its own hue (saturation,
@@ -168,21 +167,3 @@ def write_demo_dataset(output_dir, *, train_per_class, val_per_class, seed=0):
     with open(os.path.join(output_dir, VAL_LABELS), "w") as f:
         f.writelines(f"{CLASSES[label][0]}\n" for label in labels)
     return {"train": train_per_class * len(CLASSES), "val": len(labels), "quirks": 4}
-
-
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the raw dataset.", required=True)
-_TRAIN_PER_CLASS = flags.DEFINE_integer("train_per_class", 300, "Training images per class.")
-_VAL_PER_CLASS = flags.DEFINE_integer("val_per_class", 50, "Validation images per class.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed: the same seed gives the same files.")
-
-
-def main(argv):
-    del argv
-    counts = write_demo_dataset(
-        _OUTPUT_DIR.value, train_per_class=_TRAIN_PER_CLASS.value, val_per_class=_VAL_PER_CLASS.value, seed=_SEED.value
-    )
-    print(f"Demo dataset in {_OUTPUT_DIR.value}: {counts}")
-
-
-if __name__ == "__main__":
-    app.run(main)

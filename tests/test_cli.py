@@ -59,3 +59,15 @@ def test_config_files_parse_into_train_flags(name, learning_rate):
     result = _run("-c", code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == learning_rate
+
+
+def test_make_demo_data_writes_imagenet_layout(tmp_path):
+    result = _run(
+        "-m", "pipeline.make_demo_data", f"--output_dir={tmp_path}", "--train_per_class=1", "--val_per_class=1"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    train = [f for _, _, files in os.walk(tmp_path / "train") for f in files]
+    assert len(train) == 10 + 4  # One per class and the four quirks.
+    assert sorted(os.listdir(tmp_path / "val"))[0] == "ILSVRC2012_val_00000001.JPEG"
+    with open(tmp_path / "validation_labels.txt") as f:
+        assert len(f.read().split()) == 10

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_data_to_trained_model(tmp_path):
     raw, data, model = tmp_path / "raw", tmp_path / "data", tmp_path / "model"
-    result = _run("-m", "pipeline.demo_data", f"--output_dir={raw}", "--train_per_class=40", "--val_per_class=10")
+    result = _run("-m", "pipeline.make_demo_data", f"--output_dir={raw}", "--train_per_class=40", "--val_per_class=10")
     assert result.returncode == 0, result.stderr[-2000:]
     shards = ["--train_shards=4", "--validation_shards=1"]
     result = _run("-m", "pipeline.build_tfrecords", f"--input_dir={raw}", f"--output_dir={data}", *shards)
