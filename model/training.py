@@ -87,16 +87,16 @@ def train(
     keras.utils.set_random_seed(seed)
     train_ds = data_input.dataset(data_dir, "train", batch_size=batch_size, training=True, image_size=image_size)
     val_ds = data_input.dataset(data_dir, "validation", batch_size=batch_size, training=False, image_size=image_size)
+    counts, stats = data_input.load_summary(data_dir), data_input.load_stats(data_dir)
     # Keras' evaluate loop (TF 2.21, Keras 3.15) runs a phantom step past the end of a dataset of unknown length:
     # with whole batches it averages in a batch that is not there (measured: 71/512 for 71/384 misses); with a
     # final partial batch under two replicas it stops ("input depth must be evenly divisible by filter depth:
-    # 3 vs 48"). So the per-epoch check takes whole batches with explicit steps; the final evaluation sees every
-    # image.
-    # Repeated: with validation_steps Keras keeps one iterator across epochs; each epoch takes exactly one pass.
+    # 3 vs 48"). So the per-epoch check takes whole batches with explicit steps, repeated because Keras then keeps
+    # one iterator across epochs (each epoch takes exactly one pass); the final evaluation sees every image.
+    val_batch = min(batch_size, counts["validation"]["written"])
     val_epoch_ds = data_input.dataset(
-        data_dir, "validation", batch_size=batch_size, training=False, image_size=image_size, whole_batches=True
+        data_dir, "validation", batch_size=val_batch, training=False, image_size=image_size, whole_batches=True
     ).repeat()
-    counts, stats = data_input.load_summary(data_dir), data_input.load_stats(data_dir)
     with strategy.scope():
         classifier, preprocess, net = build_classifier(
             counts["classes"],
@@ -142,7 +142,7 @@ def train(
         epochs=epochs,
         steps_per_epoch=math.ceil(counts["train"]["written"] / batch_size),
         validation_data=val_epoch_ds,
-        validation_steps=max(1, counts["validation"]["written"] // batch_size),
+        validation_steps=counts["validation"]["written"] // val_batch,
         callbacks=callbacks,
         verbose=2,  # One line per epoch: readable in logs and CI.
     )

@@ -9,12 +9,6 @@ import apache_beam as beam
 import numpy as np
 
 
-def pixel_moments(image):
-    """One image's contribution: (image as float64, sum x x^T, sum x, pixel count)."""
-    x = image.reshape(-1, 3).astype(np.float64)
-    return image.astype(np.float64), x.T @ x, x.sum(axis=0), x.shape[0]
-
-
 def pca(covariance):
     """Eigenvalues descending and eigenvectors as columns; each column's largest entry made positive."""
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
@@ -31,13 +25,21 @@ class PixelStatsFn(beam.CombineFn):
         return None  # Shape-free until the first image, so any image size works.
 
     def add_input(self, accumulator, image):
-        return self.merge_accumulators([accumulator, (*pixel_moments(image), 1)])
+        if accumulator is None:
+            accumulator = [np.zeros(image.shape), np.zeros((3, 3)), np.zeros(3), 0, 0]
+        x = image.reshape(-1, 3).astype(np.float64)
+        accumulator[0] += image  # In place: no per-image copy of the 256x256x3 float64 sum.
+        accumulator[1] += x.T @ x
+        accumulator[2] += x.sum(axis=0)
+        accumulator[3] += x.shape[0]
+        accumulator[4] += 1
+        return accumulator
 
     def merge_accumulators(self, accumulators):
         parts = [a for a in accumulators if a is not None]
         if not parts:
             return None
-        return tuple(sum(part[i] for part in parts) for i in range(5))
+        return [sum(part[i] for part in parts) for i in range(5)]
 
     def extract_output(self, accumulator):
         if accumulator is None:
