@@ -7,24 +7,21 @@ import keras
 import tensorflow as tf
 
 
-def filter_grid(kernels, columns=16):
-    """Figure 3: conv1 kernels (k, k, 3, n), each scaled to [0, 1], tiled in rows of `columns` with 1px gaps."""
-    k, n = kernels.shape[0], kernels.shape[-1]
-    x = tf.transpose(kernels, [3, 0, 1, 2])
-    low = tf.reduce_min(x, axis=[1, 2, 3], keepdims=True)
-    high = tf.reduce_max(x, axis=[1, 2, 3], keepdims=True)
-    x = tf.pad((x - low) / tf.maximum(high - low, 1e-8), [[0, 0], [0, 1], [0, 1], [0, 0]])
-    rows = -(-n // columns)
-    x = tf.pad(x, [[0, rows * columns - n], [0, 0], [0, 0], [0, 0]])
-    x = tf.reshape(x, [rows, columns, k + 1, k + 1, 3])
-    return tf.reshape(tf.transpose(x, [0, 2, 1, 3, 4]), [1, rows * (k + 1), columns * (k + 1), 3])
-
-
 def to_displayable(images):
     """Mean-subtracted float images, each stretched to [0, 1]."""
     low = tf.reduce_min(images, axis=[1, 2, 3], keepdims=True)
     high = tf.reduce_max(images, axis=[1, 2, 3], keepdims=True)
     return (images - low) / tf.maximum(high - low, 1e-8)
+
+
+def filter_grid(kernels, columns=16):
+    """Figure 3: conv1 kernels (k, k, 3, n), each scaled to [0, 1], tiled in rows of `columns` with 1px gaps."""
+    k, n = kernels.shape[0], kernels.shape[-1]
+    x = tf.pad(to_displayable(tf.transpose(kernels, [3, 0, 1, 2])), [[0, 0], [0, 1], [0, 1], [0, 0]])
+    rows = -(-n // columns)
+    x = tf.pad(x, [[0, rows * columns - n], [0, 0], [0, 0], [0, 0]])
+    x = tf.reshape(x, [rows, columns, k + 1, k + 1, 3])
+    return tf.reshape(tf.transpose(x, [0, 2, 1, 3, 4]), [1, rows * (k + 1), columns * (k + 1), 3])
 
 
 class Summaries(keras.callbacks.Callback):
