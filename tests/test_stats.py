@@ -1,5 +1,6 @@
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
@@ -68,3 +69,43 @@ def test_pca_sorts_descending_with_positive_columns():
     values, vectors = stats.pca(np.diag([1.0, 3.0, 2.0]))
     np.testing.assert_allclose(values, [3.0, 2.0, 1.0])
     np.testing.assert_allclose(vectors, [[0, 0, 1], [1, 0, 0], [0, 1, 0]], atol=1e-12)
+
+
+def test_sum_image_moves_to_int64_before_uint32_would_overflow(monkeypatch):
+    monkeypatch.setattr(stats, "UINT32_IMAGES", 2)
+    fn, images = stats.PixelStatsFn(), np.full((4, 2, 2, 3), 255, np.uint8)
+    acc = None
+    for image in images:
+        acc = fn.add_input(acc, image)
+    assert acc[0].dtype == np.int64
+    np.testing.assert_array_equal(fn.extract_output(acc)["mean_image"], 255.0)
+
+
+def test_large_images_sum_their_products_without_overflow():
+    image = np.full((300, 300, 3), 255, np.uint8)  # 90,000 pixels: over uint32 for the sum of products.
+    np.testing.assert_array_equal(stats.rgb_products(image), np.full((3, 3), 90_000 * 255 * 255))
+
+
+def test_merging_shard_accumulators_equals_one_pass():
+    images = _images(n=6)
+    fn = stats.PixelStatsFn()
+    partials = []
+    for chunk in (images[:1], images[1:4], images[4:]):
+        acc = None
+        for image in chunk:
+            acc = fn.add_input(acc, image)
+        partials.append(acc)
+
+    def check(outputs):
+        assert len(outputs) == 1
+        _check(outputs[0], images)
+
+    with TestPipeline() as p:
+        assert_that(p | beam.Create(partials) | beam.CombineGlobally(stats.MergeStatsFn()), check)
+
+
+def test_images_of_other_sizes_are_refused():
+    fn = stats.PixelStatsFn()
+    acc = fn.add_input(None, np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        fn.add_input(acc, np.zeros((4, 5, 3), np.uint8))
