@@ -3,7 +3,8 @@
     python -m pipeline.make_demo_data --output_dir=demo/raw
 
 Writes train/<wnid>/<wnid>_<i>.JPEG, val/ILSVRC2012_val_<8 digits>.JPEG and validation_labels.txt (one wnid per
-validation image, in file-number order: the format of tensorflow-datasets' imagenet2012 validation labels).
+validation image, in file-number order: the format of tensorflow-datasets' imagenet2012 validation labels); or,
+with --as_tars, the same files in ImageNet's downloaded form (``write_as_tars``).
 Ten classes of shapes, each photographed at a random place, scale, rotation and colour over a cluttered,
 textured background, in varied sizes (200-700 px a side) and JPEG qualities, so resizing, cropping, flipping
 and lighting all matter. A few files carry real-world quirks (CMYK, grayscale, PNG data named .JPEG, truncated).
@@ -12,6 +13,8 @@ and lighting all matter. A few files carry real-world quirks (CMYK, grayscale, P
 import io
 import math
 import os
+import shutil
+import tarfile
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
@@ -167,3 +170,36 @@ def write_demo_dataset(output_dir, *, train_per_class, val_per_class, seed=0):
     with open(os.path.join(output_dir, VAL_LABELS), "w") as f:
         f.writelines(f"{CLASSES[label][0]}\n" for label in labels)
     return {"train": train_per_class * len(CLASSES), "val": len(labels), "quirks": 4}
+
+
+def _add(tar, name, fileobj, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = size, 0  # No timestamps: the same files give the same tar.
+    tar.addfile(info, fileobj)
+
+
+def write_as_tars(extracted_dir, output_dir):
+    """The downloaded form of an extracted layout: ILSVRC2012_img_train.tar holding one <wnid>.tar per class of
+    train/, ILSVRC2012_img_val.tar holding val/'s files, and the validation labels file copied beside them."""
+    os.makedirs(output_dir, exist_ok=True)
+    train = os.path.join(extracted_dir, "train")
+    with tarfile.open(os.path.join(output_dir, "ILSVRC2012_img_train.tar"), "w", format=tarfile.GNU_FORMAT) as outer:
+        for wnid in sorted(os.listdir(train)):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                for name in sorted(os.listdir(os.path.join(train, wnid))):
+                    path = os.path.join(train, wnid, name)
+                    with open(path, "rb") as f:
+                        _add(tar, name, f, os.path.getsize(path))
+            size = inner.tell()
+            inner.seek(0)
+            _add(outer, f"{wnid}.tar", inner, size)
+    val = os.path.join(extracted_dir, "val")
+    with tarfile.open(os.path.join(output_dir, "ILSVRC2012_img_val.tar"), "w", format=tarfile.GNU_FORMAT) as tar:
+        for folder, _, names in sorted(os.walk(val)):  # Flat, or val/<wnid>/ folders kept as <wnid>/<file>.
+            for name in sorted(names):
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    _add(tar, os.path.relpath(path, val).replace(os.sep, "/"), f, os.path.getsize(path))
+    if os.path.exists(os.path.join(extracted_dir, VAL_LABELS)):
+        shutil.copy(os.path.join(extracted_dir, VAL_LABELS), os.path.join(output_dir, VAL_LABELS))

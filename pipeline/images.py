@@ -19,6 +19,7 @@ from pipeline import example_spec
 JPEG_QUALITY = 90
 MIN_SIDE = 32
 MAX_PIXELS = 100_000_000
+ORIENTATION = 0x0112  # The EXIF tag.
 
 
 class Rejected(Exception):
@@ -51,7 +52,8 @@ def _decode(img, size):
         img.load()
     except Exception as e:
         raise Rejected(f"truncated or corrupt: {e}") from None
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even upright images: skip those.
+        img = ImageOps.exif_transpose(img)
     return _to_rgb(img)
 
 

@@ -1,21 +1,50 @@
-"""Listing raw ImageNet (ILSVRC-2012 layout) through Beam's file systems, so local paths and gs:// work alike.
+"""Finding raw ImageNet (ILSVRC-2012) images through Beam's file systems, so local paths and gs:// work alike.
 
-    <input_dir>/train/<wnid>/*.JPEG
-    <input_dir>/val/<wnid>/*.JPEG                          (class folders), or
-    <input_dir>/val/ILSVRC2012_val_<8 digits>.JPEG         (flat, labelled by a validation labels file)
+Two layouts, per split:
 
-A validation labels file has one wnid per line, line i for image number i (tensorflow-datasets' format).
-Labels are 0-based in sorted-wnid order of the training class folders.
+    <input_dir>/train/<wnid>/*.JPEG                        extracted, or
+    <input_dir>/ILSVRC2012_img_train.tar                   as downloaded: a tar of per-class tars <wnid>.tar
+    <input_dir>/val/ILSVRC2012_val_<8 digits>.JPEG         extracted, flat (labelled by a validation labels file),
+    <input_dir>/val/<wnid>/*.JPEG                          or in class folders, or
+    <input_dir>/ILSVRC2012_img_val.tar                     as downloaded: a flat tar of the validation files
+
+Images inside tars are read in place (tars are uncompressed: each member is one contiguous run of bytes), never
+extracted. Every image is an ImageRef named by its place in the extracted layout, so both layouts give the same
+names, the same shard assignment and the same records. A validation labels file has one wnid per line, line i
+for image number i (tensorflow-datasets' format). Labels are 0-based in sorted-wnid order of the training classes.
 """
 
 import importlib.util
+import io
 import os
 import re
+import tarfile
+from typing import NamedTuple
 
-from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.filesystems import CompressionTypes, FileSystems
 
 VAL_FILE_RE = re.compile(r"ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
 TFDS_VAL_LABELS = ("datasets", "imagenet2012", "validation_labels.txt")
+TARS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}
+
+
+class ImageRef(NamedTuple):
+    """One raw image: `relative` is its path in the extracted layout (train/<wnid>/<file>, val/[<wnid>/]<file>);
+    the bytes are the whole of `source`, or `size` bytes at `offset` inside it (a tar)."""
+
+    relative: str
+    source: str
+    offset: int = -1
+    size: int = -1
+
+    def describe(self):
+        """Where the image is, for the rejected list: its path, or the tar and its place in the layout."""
+        return self.source if self.offset < 0 else f"{self.source}:{self.relative}"
+
+
+def open_file(path):
+    """A binary reader of path as stored (no decompression guessed from the name)."""
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
 def wnid_of(path):
@@ -23,14 +52,103 @@ def wnid_of(path):
     return path.replace("\\", "/").rstrip("/").split("/")[-2]
 
 
-def train_pattern(input_dir):
-    return FileSystems.join(input_dir, "train", "*", "*")
+def relative_to(path, root):
+    """path below root, with '/' separators (local paths and URLs alike)."""
+    path, root = path.replace("\\", "/"), root.replace("\\", "/").rstrip("/") + "/"
+    if not path.startswith(root):
+        raise ValueError(f"{path} is not inside {root}")
+    return path[len(root) :]
+
+
+def label_of(relative, val_labels):
+    """The wnid an image is labelled with, from its place in the extracted layout; None when it has none."""
+    parts = relative.split("/")
+    if len(parts) == 3:  # train/<wnid>/<file> or val/<wnid>/<file>
+        return parts[1]
+    if len(parts) == 2 and parts[0] == "val":
+        return val_wnid(parts[1], val_labels)
+    return None
+
+
+def folder_patterns(input_dir, folder):
+    """Globs of an extracted split: files in class folders, and files directly in the folder."""
+    return [FileSystems.join(input_dir, folder, "*", "*"), FileSystems.join(input_dir, folder, "*")]
 
 
 def match(pattern):
     """Sorted paths of the files matching pattern (an empty list when none)."""
     result = FileSystems.match([pattern])[0]
     return sorted(m.path for m in result.metadata_list)
+
+
+def layout(input_dir, folder):
+    """How a split is stored: ('folder', None), ('tar', tar path), or (None, None) when it is absent."""
+    if any(match(pattern) for pattern in folder_patterns(input_dir, folder)):
+        return "folder", None
+    tar = FileSystems.join(input_dir, TARS[folder])
+    if FileSystems.exists(tar):
+        return "tar", tar
+    return None, None
+
+
+class _Window(io.RawIOBase):
+    """The bytes [start, start + size) of a seekable file, as a seekable file of its own."""
+
+    def __init__(self, f, start, size):
+        super().__init__()
+        self.f, self.start, self.size, self.pos = f, start, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + pos
+        return self.pos
+
+    def readinto(self, buffer):
+        n = max(0, min(len(buffer), self.size - self.pos))
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(n)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def tar_members(f, start=0, size=None):
+    """(name, offset, size) of each regular file of the uncompressed tar at [start, start + size) of the seekable
+    file f, offsets counted from the start of f. Reads the 512-byte headers and seeks over the data; keeps no
+    list of members, so memory stays flat over ImageNet's 50,000-member validation tar."""
+    if size is None:
+        size = f.seek(0, io.SEEK_END) - start
+    try:
+        with tarfile.open(fileobj=_Window(f, start, size), mode="r:") as tar:
+            while (member := tar.next()) is not None:
+                if member.isfile():
+                    yield member.name, start + member.offset_data, member.size
+                tar.members.clear()
+    except tarfile.TarError as e:
+        raise ValueError(f"not a readable uncompressed tar: {e}") from None
+
+
+def read_image(ref, opened):
+    """The bytes of ref; `opened` maps sources to open files, reused across calls (one handle per tar)."""
+    if ref.offset < 0:
+        with open_file(ref.source) as f:
+            return f.read()
+    if ref.source not in opened:
+        opened[ref.source] = open_file(ref.source)
+    f = opened[ref.source]
+    f.seek(ref.offset)
+    data = f.read(ref.size)
+    if len(data) != ref.size:
+        raise OSError(f"{ref.source} ends inside {ref.relative}: {len(data)} of {ref.size} bytes")
+    return data
 
 
 def tfds_val_labels_file():
@@ -44,7 +162,7 @@ def tfds_val_labels_file():
 
 def read_val_labels(path):
     """{image number (1-based): wnid} from a validation labels file."""
-    with FileSystems.open(path) as f:
+    with open_file(path) as f:
         lines = f.read().decode().split()
     return {i: wnid for i, wnid in enumerate(lines, start=1)}
 

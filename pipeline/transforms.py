@@ -1,7 +1,10 @@
-"""The conversion job's composite transforms: list, convert, shard, and finalize the output folder.
+"""The conversion job's composite transforms: list, assign to shards, convert and write, finalize the output folder.
 
-Determinism: each file's place is a seeded hash of its path relative to the input folder, so the shard it lands in
-and its position there depend only on the input and the seed, never on worker timing. Outputs are staged and moved
+Determinism: each image's place is a seeded hash of its path in the extracted layout, so the shard it lands in
+and its position there depend only on the input and the seed, never on worker timing or on tar vs folder input.
+Only these small (key, name) pairs are shuffled; each shard's images are then read, converted and written by one
+worker, one image at a time, so neither the encoded images nor their pixels ever cross a shuffle and a worker's
+memory does not grow with the dataset. Outputs are staged and moved
 into place by one final step, which first removes the previous run's files, so shards are never a mix of two runs.
 """
 
@@ -26,6 +29,7 @@ SPLITS = ("train", "validation")
 OUTPUT_GLOBS = ("summary.json", "train-*-of-*", "validation-*-of-*", "stats.npz", "stats.json", "labels.txt")
 REJECTED = "rejected.tsv"
 PROGRESS_SECONDS = 10
+SPAN = "conversion_span"
 
 
 def shard_name(split, index, num_shards):
@@ -38,7 +42,7 @@ def sort_key(relative_path, seed):
 
 
 class ListImages(beam.PTransform):
-    """Paths of every file of a split, with the wnid they are labelled by (None if none can be found)."""
+    """(ImageRef, wnid or None) for every file of a split, from the extracted folder or the downloaded tar."""
 
     def __init__(self, split, input_dir, val_labels_file=None):
         super().__init__()
@@ -46,75 +50,123 @@ class ListImages(beam.PTransform):
 
     def expand(self, pbegin):
         folder = "train" if self.split == "train" else "val"
-        patterns = [FileSystems.join(self.input_dir, folder, "*", "*"), FileSystems.join(self.input_dir, folder, "*")]
-        return (
-            pbegin
-            | "Patterns" >> beam.Create(patterns)
-            | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-            | "Label" >> beam.ParDo(_LabelFn(folder, self.val_labels_file))
-            | "Spread" >> beam.Reshuffle()
-        )
+        kind, tar = sources.layout(self.input_dir, folder)
+        label = _LabelFn(self.val_labels_file)
+        if kind == "tar" and folder == "train":  # A tar of class tars: list the class tars in parallel.
+            refs = (
+                pbegin
+                | "Tar" >> beam.Create([tar])
+                | "ClassTars" >> beam.FlatMap(_tar_refs, "train")
+                | "SpreadClassTars" >> beam.Reshuffle()
+                | "Members" >> beam.FlatMap(_class_tar_refs)
+            )
+        elif kind == "tar":
+            refs = pbegin | "Tar" >> beam.Create([tar]) | "Members" >> beam.FlatMap(_tar_refs, "val")
+        else:  # A folder, or nothing (an empty split).
+            patterns = sources.folder_patterns(self.input_dir, folder) if kind else []
+            refs = (
+                pbegin
+                | "Patterns" >> beam.Create(patterns)
+                | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+                | "Refs"
+                >> beam.Map(lambda m, root: sources.ImageRef(sources.relative_to(m.path, root), m.path), self.input_dir)
+            )
+        return refs | "Label" >> beam.ParDo(label)
+
+
+def _tar_refs(tar, folder):
+    with sources.open_file(tar) as f:
+        for name, offset, size in sources.tar_members(f):
+            yield sources.ImageRef(f"{folder}/{name}", tar, offset, size)
+
+
+def _class_tar_refs(class_tar):
+    """The images of one <wnid>.tar inside the training tar, as train/<wnid>/<file>."""
+    wnid, ext = os.path.splitext(os.path.basename(class_tar.relative))
+    if ext != ".tar":  # Not a class tar: passed on, and rejected as not inside a class.
+        yield class_tar
+        return
+    with sources.open_file(class_tar.source) as f:
+        for name, offset, size in sources.tar_members(f, class_tar.offset, class_tar.size):
+            yield sources.ImageRef(f"train/{wnid}/{os.path.basename(name)}", class_tar.source, offset, size)
 
 
 class _LabelFn(beam.DoFn):
-    def __init__(self, folder, val_labels_file):
-        self.folder, self.val_labels_file = folder, val_labels_file
+    def __init__(self, val_labels_file):
+        self.val_labels_file = val_labels_file
 
     def setup(self):
         self.val_labels = sources.read_val_labels(self.val_labels_file) if self.val_labels_file else None
 
-    def process(self, metadata):
-        path = metadata.path
-        if sources.wnid_of(path) != self.folder:
-            yield path, sources.wnid_of(path)
-        elif self.folder == "val":
-            yield path, sources.val_wnid(path, self.val_labels)
-        else:
-            yield path, None
+    def process(self, ref):
+        yield ref, sources.label_of(ref.relative, self.val_labels)
 
 
-class _ConvertFn(beam.DoFn):
-    """Reads and converts one image; main output (shard, (key, example)), plus 'rejected' and 'pixels'."""
+class _ConvertShardFn(beam.DoFn):
+    """Converts and writes one shard: (shard, [(key, (ref, wnid))]) -> (split, shard name, images written), plus
+    tagged outputs 'rejected' (split, where, reason) and, for training shards, 'stats' (a PixelStatsFn accumulator).
 
-    def __init__(self, split, input_dir, num_shards, seed, convert_kwargs):
-        self.split, self.input_dir, self.num_shards, self.seed = split, input_dir, num_shards, seed
+    Images are read, converted and written one at a time in key order, so a worker holds one image and the shard's
+    list of names, whatever the shard's size; the encoded images never go through a shuffle."""
+
+    def __init__(self, split, staging_dir, num_shards, convert_kwargs):
+        self.split, self.staging_dir, self.num_shards = split, staging_dir, num_shards
         self.convert_kwargs = convert_kwargs
 
     def setup(self):
         self.done, self.rejected, self.start, self.last_log = 0, 0, time.time(), time.time()
+        self.opened = {}
+        self.stats_fn = stats.PixelStatsFn()
+
+    def teardown(self):
+        for f in self.opened.values():
+            f.close()
 
     def process(self, element, wnids):
-        path, wnid = element
-        try:
-            if wnid is None or wnid not in wnids:
-                raise images.Rejected(_unlabelled_reason(self.split, wnid))
-            with FileSystems.open(path) as f:
-                data = f.read()
-            jpeg, pixels = images.convert(data, **self.convert_kwargs)
-        except (images.Rejected, OSError) as e:
-            self._count(rejected=True)
-            beam.metrics.Metrics.counter(self.split, "rejected").inc()
-            yield beam.pvalue.TaggedOutput("rejected", (self.split, path, str(e)))
-            return
-        self._count(rejected=False)
-        beam.metrics.Metrics.counter(self.split, "written").inc()
-        if self.split == "train":
-            yield beam.pvalue.TaggedOutput("pixels", pixels)
-        relative = os.path.relpath(path, self.input_dir) if "://" not in path else path[len(self.input_dir) :]
-        key = sort_key(relative, self.seed)
+        started = time.time()
+        shard, items = element
+        name = shard_name(self.split, shard, self.num_shards)
+        accumulator, written = None, 0
+        with tempfile.NamedTemporaryFile(suffix=".tfrecord") as tmp:
+            with tf.io.TFRecordWriter(tmp.name) as writer:
+                for _, (ref, wnid) in sorted(items):
+                    try:
+                        example, pixels = self._convert(ref, wnid, wnids)
+                    except (images.Rejected, OSError) as e:
+                        self._count(rejected=True)
+                        yield beam.pvalue.TaggedOutput("rejected", (self.split, ref.describe(), str(e)))
+                        continue
+                    writer.write(example)
+                    written += 1
+                    self._count(rejected=False)
+                    if self.split == "train":
+                        accumulator = self.stats_fn.add_input(accumulator, pixels)
+            _copy_local_to(tmp.name, FileSystems.join(self.staging_dir, name))
+        if accumulator is not None:
+            yield beam.pvalue.TaggedOutput("stats", accumulator)
+        # The conversion's span, from the first shard started to the last written, read by `conversion_span`.
+        beam.metrics.Metrics.distribution(SPAN, f"{self.split}_start_ms").update(int(started * 1000))
+        beam.metrics.Metrics.distribution(SPAN, f"{self.split}_end_ms").update(int(time.time() * 1000))
+        yield self.split, name, written
+
+    def _convert(self, ref, wnid, wnids):
+        if wnid is None or wnid not in wnids:
+            raise images.Rejected(_unlabelled_reason(self.split, wnid))
+        jpeg, pixels = images.convert(sources.read_image(ref, self.opened), **self.convert_kwargs)
         example = example_spec.make_example(
             jpeg=jpeg,
             height=pixels.shape[0],
             width=pixels.shape[1],
             label=wnids.index(wnid),
             synset=wnid,
-            filename=os.path.basename(path),
+            filename=os.path.basename(ref.relative),
         )
-        yield key % self.num_shards, (key, example)
+        return example, pixels
 
     def _count(self, rejected):
         self.done += 1
         self.rejected += rejected
+        beam.metrics.Metrics.counter(self.split, "rejected" if rejected else "written").inc()
         now = time.time()
         if now - self.last_log >= PROGRESS_SECONDS:
             self.last_log = now
@@ -129,59 +181,65 @@ class _ConvertFn(beam.DoFn):
             )
 
 
+def conversion_span(metrics):
+    """Seconds spent converting, from a finished job's metrics: per split, from its first shard's start to its last
+    shard's end; splits converted one after the other (DirectRunner) add up, overlapping ones (Dataflow) count once.
+    None when no shard was converted."""
+    bounds = {}
+    for result in metrics.query(beam.metrics.MetricsFilter().with_namespace(SPAN))["distributions"]:
+        value = result.committed or result.attempted
+        split, edge = result.key.metric.name.rsplit("_", 2)[0], result.key.metric.name.split("_")[-2]
+        bounds.setdefault(split, {})[edge] = value.min if edge == "start" else value.max
+    intervals = sorted((b["start"], b["end"]) for b in bounds.values() if len(b) == 2)
+    if not intervals:
+        return None
+    total, (start, end) = 0, intervals[0]
+    for next_start, next_end in intervals[1:]:
+        if next_start > end:
+            total, start = total + end - start, next_start
+        end = max(end, next_end)
+    return (total + end - start) / 1000
+
+
 def _unlabelled_reason(split, wnid):
     if wnid is None and split == "train":
-        return "not inside a class folder train/<wnid>/"
+        return "not inside a class folder train/<wnid>/ (or a class tar <wnid>.tar)"
     if wnid is None:
         return "no label: not in a class folder val/<wnid>/ and not numbered in the validation labels file"
-    return f"class {wnid} has no training folder train/{wnid}/"
+    return f"class {wnid} has no training images (no train/{wnid}/)"
 
 
-class ConvertImages(beam.PTransform):
-    """(path, wnid) -> tagged outputs: records keyed by shard, 'rejected' (split, path, reason), 'pixels' (train)."""
+class ConvertShards(beam.PTransform):
+    """(ImageRef, wnid) -> shards in staging_dir; outputs 'shards' (split, name, count), 'rejected', 'stats'.
 
-    def __init__(self, split, *, input_dir, wnids, num_shards, seed, convert_kwargs):
+    Each image's shard and its place there come from a seeded hash of its name in the extracted layout: only
+    these small (key, ref) pairs are grouped, and each shard is then converted and written by one worker."""
+
+    def __init__(self, split, *, staging_dir, wnids, num_shards, seed, convert_kwargs):
         super().__init__()
-        self.fn = _ConvertFn(split, input_dir, num_shards, seed, convert_kwargs)
-        self.wnids = wnids
+        self.split, self.num_shards, self.seed, self.wnids = split, num_shards, seed, wnids
+        self.fn = _ConvertShardFn(split, staging_dir, num_shards, convert_kwargs)
 
     def expand(self, files):
-        return files | beam.ParDo(self.fn, wnids=beam.pvalue.AsSingleton(self.wnids)).with_outputs(
-            "rejected", "pixels", main="records"
+        def keyed(element, seed, num_shards):
+            key = sort_key(element[0].relative, seed)
+            return key % num_shards, (key, element)
+
+        return (
+            files
+            | "Key" >> beam.Map(keyed, self.seed, self.num_shards)
+            | "GroupByShard" >> beam.GroupByKey()
+            | "ConvertAndWrite"
+            >> beam.ParDo(self.fn, wnids=beam.pvalue.AsSingleton(self.wnids)).with_outputs(
+                "rejected", "stats", main="shards"
+            )
         )
-
-
-class _WriteShardFn(beam.DoFn):
-    def __init__(self, split, staging_dir, num_shards):
-        self.split, self.staging_dir, self.num_shards = split, staging_dir, num_shards
-
-    def process(self, element):
-        shard, records = element
-        records = sorted(records)
-        name = shard_name(self.split, shard, self.num_shards)
-        with tempfile.NamedTemporaryFile(suffix=".tfrecord") as tmp:
-            with tf.io.TFRecordWriter(tmp.name) as writer:
-                for _, example in records:
-                    writer.write(example)
-            _copy_local_to(tmp.name, FileSystems.join(self.staging_dir, name))
-        yield self.split, name, len(records)
 
 
 def _copy_local_to(local_path, destination):
     with open(local_path, "rb") as src, FileSystems.create(destination) as dst:
         while chunk := src.read(16 << 20):
             dst.write(chunk)
-
-
-class WriteShards(beam.PTransform):
-    """Groups records by shard and writes each shard, ordered by key, into the staging folder."""
-
-    def __init__(self, split, staging_dir, num_shards):
-        super().__init__()
-        self.fn = _WriteShardFn(split, staging_dir, num_shards)
-
-    def expand(self, records):
-        return records | "GroupByShard" >> beam.GroupByKey() | "Write" >> beam.ParDo(self.fn)
 
 
 def _write_bytes(path, data):
@@ -297,23 +355,23 @@ class ConvertImageNet(beam.PTransform):
             | "Collect" >> beam.combiners.ToList()
             | "Sort" >> beam.Map(sorted)
         )
-        seen, shards, rejected, pixels = [], [], [], None
+        seen, shards, rejected, partial_stats = [], [], [], None
         for split in SPLITS:
             name = split.title()
             count = files[split] | f"Count{name}" >> beam.combiners.Count.Globally()
             seen.append(count | f"Key{name}" >> beam.Map(lambda n, split=split: (split, n)))
-            converted = files[split] | f"Convert{name}" >> ConvertImages(
+            converted = files[split] | f"Convert{name}" >> ConvertShards(
                 split,
-                input_dir=self.input_dir,
+                staging_dir=staging_dir,
                 wnids=wnids,
                 num_shards=self.num_shards[split],
                 seed=self.seed,
                 convert_kwargs=self.convert_kwargs,
             )
-            shards.append(converted.records | f"Write{name}" >> WriteShards(split, staging_dir, self.num_shards[split]))
+            shards.append(converted.shards)
             rejected.append(converted.rejected)
-            pixels = converted.pixels if split == "train" else pixels
-        pixel_stats = pixels | "PixelStats" >> beam.CombineGlobally(stats.PixelStatsFn()).without_defaults()
+            partial_stats = converted.stats if split == "train" else partial_stats
+        pixel_stats = partial_stats | "PixelStats" >> beam.CombineGlobally(stats.MergeStatsFn()).without_defaults()
         return p | "Finalize" >> Finalize(
             self.output_dir,
             staging_dir,

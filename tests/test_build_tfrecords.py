@@ -104,3 +104,31 @@ def test_real_photos_and_oddities_are_all_accounted_for(tmp_path):
     with open(os.path.join(out, "rejected.tsv")) as f:
         reasons = {os.path.basename(line.split("\t")[1]): line.split("\t")[2] for line in list(f)[1:]}
     assert reasons.keys() == {"n02123045_empty.JPEG", "n02123045_truncated50.JPEG"}
+
+
+@pytest.fixture(scope="module")
+def demo_tars(demo_raw, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tars"))
+    demo_module.write_as_tars(demo_raw, root)
+    return root
+
+
+def test_downloaded_tars_give_the_same_output_as_extracted_folders(demo_tars, demo_data, tmp_path):
+    assert sorted(os.listdir(demo_tars)) == [
+        "ILSVRC2012_img_train.tar",
+        "ILSVRC2012_img_val.tar",
+        demo_module.VAL_LABELS,
+    ]
+    out = run_conversion(demo_tars, str(tmp_path / "out"))
+    assert sorted(os.listdir(out)) == sorted(os.listdir(demo_data))
+    for name in sorted(os.listdir(demo_data)):
+        if name not in ("rejected.tsv", "stats.npz"):  # The npz zip holds write times: compared by its arrays.
+            with open(os.path.join(out, name), "rb") as a, open(os.path.join(demo_data, name), "rb") as b:
+                assert a.read() == b.read(), name
+    ours, theirs = np.load(os.path.join(out, "stats.npz")), np.load(os.path.join(demo_data, "stats.npz"))
+    for key in theirs:
+        np.testing.assert_array_equal(ours[key], theirs[key])
+    with open(os.path.join(out, "rejected.tsv")) as f:
+        (row,) = [line.rstrip("\n").split("\t") for line in f][1:]
+    assert row[1].startswith(os.path.join(demo_tars, "ILSVRC2012_img_train.tar:train/")), row
+    assert row[1].endswith("_truncated.JPEG") and "truncated" in row[2]

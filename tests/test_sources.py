@@ -1,0 +1,90 @@
+import io
+import os
+import tarfile
+
+import pytest
+
+from pipeline import sources
+
+
+def _tar(files):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("a_folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)  # Not a regular file: not listed.
+    return buffer.getvalue()
+
+
+def test_tar_members_give_each_files_bytes_in_place():
+    files = {"a.JPEG": b"x" * 700, "b" * 120 + ".JPEG": b"yz", "empty.JPEG": b""}  # A GNU long name, an empty file.
+    data = _tar(files)
+    f = io.BytesIO(data)
+    members = list(sources.tar_members(f))
+    assert [name for name, _, _ in members] == list(files)
+    for name, offset, size in members:
+        assert data[offset : offset + size] == files[name]
+
+
+def test_tar_members_inside_a_tar_count_offsets_from_the_outer_file():
+    inner = _tar({"n1_0.JPEG": b"first", "n1_1.JPEG": b"second"})
+    outer = _tar({"readme.txt": b"?" * 1000, "n1.tar": inner})
+    f = io.BytesIO(outer)
+    (_, start, size) = [m for m in sources.tar_members(f) if m[0] == "n1.tar"][0]
+    members = list(sources.tar_members(f, start, size))
+    assert [(name, outer[o : o + s]) for name, o, s in members] == [("n1_0.JPEG", b"first"), ("n1_1.JPEG", b"second")]
+
+
+def test_not_a_tar_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a readable uncompressed tar"):
+        list(sources.tar_members(io.BytesIO(b"\x1f\x8b" + b"gzip, not tar" * 100)))
+
+
+def test_read_image_of_a_file_and_of_a_tar_member(tmp_path):
+    (tmp_path / "img.JPEG").write_bytes(b"whole file")
+    data = _tar({"m.JPEG": b"member"})
+    (tmp_path / "t.tar").write_bytes(data)
+    (_, offset, size) = next(sources.tar_members(io.BytesIO(data)))
+    opened = {}
+    assert (
+        sources.read_image(sources.ImageRef("train/n1/img.JPEG", str(tmp_path / "img.JPEG")), opened) == b"whole file"
+    )
+    ref = sources.ImageRef("train/n1/m.JPEG", str(tmp_path / "t.tar"), offset, size)
+    assert sources.read_image(ref, opened) == b"member"
+    with pytest.raises(OSError, match="ends inside"):
+        sources.read_image(ref._replace(offset=len(data) - 2), opened)
+
+
+@pytest.mark.parametrize(
+    "relative, wnid",
+    [
+        ("train/n01440764/n01440764_10026.JPEG", "n01440764"),
+        ("val/n01440764/ILSVRC2012_val_00000293.JPEG", "n01440764"),
+        ("val/ILSVRC2012_val_00000002.JPEG", "n09999999"),
+        ("val/ILSVRC2012_val_00000003.JPEG", None),  # Past the end of the labels file.
+        ("val/photo.JPEG", None),  # Not numbered.
+        ("train/stray.JPEG", None),  # Not in a class folder.
+    ],
+)
+def test_labels_come_from_the_place_in_the_extracted_layout(relative, wnid):
+    assert sources.label_of(relative, {1: "n01440764", 2: "n09999999"}) == wnid
+
+
+def test_relative_to_works_for_paths_and_urls():
+    assert sources.relative_to(os.path.join("/data", "raw", "train", "n1", "a.JPEG"), "/data/raw/") == "train/n1/a.JPEG"
+    assert sources.relative_to("gs://bucket/raw/val/x.JPEG", "gs://bucket/raw") == "val/x.JPEG"
+    with pytest.raises(ValueError):
+        sources.relative_to("/elsewhere/a.JPEG", "/data/raw")
+
+
+def test_layout_prefers_extracted_folders_and_finds_the_tars(tmp_path):
+    assert sources.layout(str(tmp_path), "train") == (None, None)
+    (tmp_path / sources.TARS["train"]).write_bytes(_tar({}))
+    assert sources.layout(str(tmp_path), "train") == ("tar", str(tmp_path / sources.TARS["train"]))
+    (tmp_path / "train" / "n1").mkdir(parents=True)
+    (tmp_path / "train" / "n1" / "a.JPEG").write_bytes(b"x")
+    assert sources.layout(str(tmp_path), "train") == ("folder", None)
