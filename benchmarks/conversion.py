@@ -1,19 +1,24 @@
 r"""Conversion speed and memory: a plain PIL loop vs the Beam job on the DirectRunner, same photos, same run.
 
-    python benchmarks/conversion.py [--images=600] [--workers=2]
+    python benchmarks/conversion.py [--images=2000] [--workers=0 (one per core)] [--layout=folder|tar]
 
-Draws full-size ImageNet-like photos (500x375 JPEG, quality 90, like the median ImageNet file), times a plain
-single-process PIL loop (decode, resize, crop, encode), then the Beam job with --workers processes over the same
-files at two dataset sizes, and prints images/s, the ratio to workers x the loop's rate, and the peak RSS of the
-worker processes (it must not grow with the number of images).
+Makes ImageNet-like photos (the longer side 500 px, JPEG quality 90, like the median ImageNet file) from the real
+photos in ../shared/data/photos when present (random crops of them), else from the demo set's drawings. Runs the
+whole Beam job at N and 2N images, and a plain single-process PIL loop (decode, resize, crop, encode) over N of
+the same photos just before and just after each job (the machine is shared; its speed drifts). For each size it
+prints the conversion's rate as the job reports it (images / seconds from the first shard started to the last
+one written: what a long run sustains, start-up excluded) as a ratio to cores x the loop's rate, the whole job's
+rate with start-up, and the peak RSS of any process of the job (it must not grow with N). Then the core time
+per image and what full ImageNet would cost at that rate.
 """
 
+import glob
 import io
 import os
-import resource
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -23,32 +28,72 @@ from PIL import Image
 
 from pipeline import demo_data
 
-_IMAGES = flags.DEFINE_integer("images", 600, "Training images in the smaller run (the larger one has 2x).")
-_WORKERS = flags.DEFINE_integer("workers", 2, "DirectRunner worker processes.")
+_IMAGES = flags.DEFINE_integer("images", 2000, "Training images in the smaller run (the larger one has 2x).")
+_WORKERS = flags.DEFINE_integer("workers", 0, "DirectRunner workers (threads or processes); 0: as many as cores.")
+_CORES = flags.DEFINE_integer("cores", os.cpu_count(), "Cores the job may use: the loop's rate is multiplied by this.")
+_MODE = flags.DEFINE_enum(
+    "mode", "multi_threading", ["multi_processing", "multi_threading"], "DirectRunner's --direct_running_mode."
+)
+_LAYOUT = flags.DEFINE_enum("layout", "folder", ["folder", "tar"], "Extracted folders or the downloaded tar form.")
+
+PHOTOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "photos", "train", "*", "*.JPEG")
+CLASSES = 10
+IMAGENET_IMAGES = 1_281_167 + 50_000
 
 
-def draw_photos(root, count, seed=0):
-    """count 500x375 photos under root/train/<wnid>/, returned as (path, bytes)."""
-    rng, files = np.random.default_rng(seed), []
+def _sources(rng):
+    paths = sorted(glob.glob(PHOTOS))
+    if paths:
+        return [Image.open(p).convert("RGB") for p in paths], "real photos (../shared/data/photos)"
+    return [demo_data.draw_image(i, rng) for i in range(len(demo_data.CLASSES))], "demo drawings"
+
+
+def make_photos(count, seed=0):
+    """count JPEGs (wnid, name, bytes): random crops of the source photos, longer side 500, quality 90."""
+    rng = np.random.default_rng(seed)
+    sources, kind = _sources(rng)
+    files = []
     for i in range(count):
-        label = i % len(demo_data.CLASSES)
-        img = demo_data.draw_image(label, rng).resize((500, 375), Image.Resampling.BICUBIC)
+        img = sources[i % len(sources)]
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = img.crop((left, top, left + cw, top + ch))
+        scale = 500 / max(cw, ch)
+        crop = crop.resize((round(cw * scale), round(ch * scale)), Image.Resampling.BICUBIC)
         out = io.BytesIO()
-        img.save(out, "JPEG", quality=90)
-        wnid = demo_data.CLASSES[label][0]
-        path = os.path.join(root, "train", wnid, f"{wnid}_{i}.JPEG")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(out.getvalue())
-        files.append((path, out.getvalue()))
-    os.makedirs(os.path.join(root, "val"), exist_ok=True)
-    return files
+        crop.save(out, "JPEG", quality=90)
+        wnid = f"n{90000001 + i % CLASSES}"
+        files.append((wnid, f"{wnid}_{i}.JPEG", out.getvalue()))
+    return files, kind
+
+
+def write_input(root, files, layout):
+    """The raw input as extracted folders, or as ILSVRC2012_img_train.tar holding one <wnid>.tar per class."""
+    if layout == "folder":
+        for wnid, name, data in files:
+            os.makedirs(os.path.join(root, "train", wnid), exist_ok=True)
+            with open(os.path.join(root, "train", wnid, name), "wb") as f:
+                f.write(data)
+        return
+    with tarfile.open(os.path.join(root, "ILSVRC2012_img_train.tar"), "w") as outer:
+        for wnid in sorted({w for w, _, _ in files}):
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w") as inner:
+                for _, name, data in (f for f in files if f[0] == wnid):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    inner.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo(f"{wnid}.tar")
+            info.size = buffer.tell()
+            buffer.seek(0)
+            outer.addfile(info, buffer)
 
 
 def plain_loop(files):
     """The baseline: decode, shorter side to 256, centre crop, encode; images/s on one core."""
     start = time.perf_counter()
-    for _, data in files:
+    for _, _, data in files:
         img = Image.open(io.BytesIO(data)).convert("RGB")
         scale = 256 / min(img.size)
         img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.Resampling.BICUBIC)
@@ -57,33 +102,57 @@ def plain_loop(files):
     return len(files) / (time.perf_counter() - start)
 
 
+# Runs the job as a child and reports the peak RSS over it and every process it waited for (the Beam workers).
+_MEASURE = """
+import re, resource, subprocess, sys, time
+start = time.perf_counter()
+job = subprocess.run(sys.argv[1:], check=True, stdout=subprocess.PIPE, text=True)
+rate = float(re.search(r"([0-9.]+) images/s", job.stdout).group(1))
+print(time.perf_counter() - start, rate, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+"""
+
+
 def beam_job(root, workers):
-    """(images/s over the whole job including start-up, peak RSS MiB of any child process)."""
+    """(seconds for the whole job, the conversion's images/s, peak RSS MiB of any of its processes)."""
     out = tempfile.mkdtemp()
     args = [sys.executable, "-m", "pipeline.build_tfrecords", f"--input_dir={root}", f"--output_dir={out}"]
-    args += ["--train_shards=8", "--validation_shards=1", f"--direct_num_workers={workers}"]
-    args += ["--direct_running_mode=multi_processing"]
-    start = time.perf_counter()
-    subprocess.run(args, check=True, capture_output=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    elapsed = time.perf_counter() - start
+    args += ["--train_shards=16", "--validation_shards=1", f"--direct_num_workers={workers}"]
+    args += [f"--direct_running_mode={_MODE.value}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *args], check=True, capture_output=True, env=env, text=True
+    )
     shutil.rmtree(out)
-    return elapsed, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return tuple(map(float, result.stdout.split()))
 
 
 def main(argv):
     del argv
-    workers = _WORKERS.value
-    for count in (_IMAGES.value, 2 * _IMAGES.value):
+    workers, cores, n = _WORKERS.value or os.cpu_count(), _CORES.value, _IMAGES.value
+    files, kind = make_photos(2 * n)
+    size = np.mean([len(d) for _, _, d in files]) / 1024
+    print(
+        f"{kind}, {size:.0f} KiB per file; input as {_LAYOUT.value}; "
+        f"DirectRunner {_MODE.value}, {workers} workers on {cores} cores"
+    )
+    sample = files[:n]
+    for count in (n, 2 * n):
         root = tempfile.mkdtemp()
-        files = draw_photos(root, count)
-        loop = plain_loop(files)
-        elapsed, rss = beam_job(root, workers)
-        rate = count / elapsed
-        print(
-            f"{count} images: plain PIL loop {loop:.0f} img/s/core; Beam ({workers} workers) {rate:.0f} img/s "
-            f"in {elapsed:.1f} s = {rate / (workers * loop):.2f} x ({workers} x loop); peak child RSS {rss:.0f} MiB"
-        )
+        write_input(root, files[:count], _LAYOUT.value)
+        before = plain_loop(sample)  # The machine is shared: the loop runs just before and just after each job.
+        elapsed, rate, rss = beam_job(root, workers)
+        loop = (before + plain_loop(sample)) / 2
         shutil.rmtree(root)
+        print(
+            f"{count} images: plain PIL loop {loop:.0f} img/s on one core; Beam conversion {rate:.0f} img/s = "
+            f"{rate / (cores * loop):.2f} x ({cores} cores x loop); whole job {elapsed:.1f} s = "
+            f"{count / elapsed:.0f} img/s with start-up; peak RSS {rss:.0f} MiB"
+        )
+    core_ms = 1000 * cores / rate
+    print(
+        f"{core_ms:.1f} ms of a core per image: full ImageNet ({IMAGENET_IMAGES:,} images) = "
+        f"{IMAGENET_IMAGES * core_ms / 3.6e6:.1f} core-hours at this rate"
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,13 +25,14 @@ def test_build_tfrecords_with_parallel_workers(demo_raw, tmp_path):
         summary = json.load(f)
     assert summary["train"]["seen"] == summary["train"]["written"] + summary["train"]["rejected"]
     assert f"Wrote {out}" in result.stdout
+    assert re.search(r"Converted \d+ images in [0-9.]+ s .*: [0-9.]+ images/s", result.stdout), result.stdout
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--output_dir=x"], "--input_dir"),
-        (["--input_dir=/nonexistent", "--output_dir=x"], "has no files in train/<wnid>/"),
+        (["--input_dir=/nonexistent", "--output_dir=x"], "neither train/<wnid>/ folders nor ILSVRC2012_img_train.tar"),
         (["--input_dir=/nonexistent", "--output_dir=x", "--bogus_flag=1"], "bogus_flag"),
     ],
 )
