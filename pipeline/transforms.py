@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 
@@ -172,10 +173,11 @@ class _ConvertShardFn(beam.DoFn):
             self.last_log = now
             rate = self.done / (now - self.start)
             logging.warning(
-                "%s: %d images on worker %d (%d rejected), %.1f images/s",
+                "%s: %d images on worker %d/%s (%d rejected), %.1f images/s",
                 self.split,
                 self.done,
                 os.getpid(),
+                threading.current_thread().name,
                 self.rejected,
                 rate,
             )
