@@ -33,6 +33,13 @@ _PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 1, "Split the CPU into this many logical devices.", lower_bound=1)
 _MIRRORED_DEVICES = flags.DEFINE_list("mirrored_devices", [], "MirroredStrategy replicas; default every GPU, or CPUs.")
 _TOWER_DEVICES = flags.DEFINE_list("tower_devices", [], "Two devices for towers a and b (§3.2); one replica then.")
+_MODEL_FORM = flags.DEFINE_enum(
+    "model_form",
+    "auto",
+    ["auto", "towers", "fused", "grouped"],
+    "How the same weights are computed: per tower, or fused into fewer ops (grouped convs: GPUs). auto: towers with "
+    "--tower_devices, else grouped on GPUs, else fused. Checkpoints work across forms.",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for init, shuffling and augmentation.")
 _LOG_EVERY = flags.DEFINE_integer("log_every_steps", 20, "Steps between throughput and per-step scalars.")
 
@@ -64,6 +71,7 @@ def main(argv):
         seed=_SEED.value,
         log_every_steps=_LOG_EVERY.value,
         tower_devices=_TOWER_DEVICES.value or None,
+        form=_MODEL_FORM.value,
         weight_std=_WEIGHT_STD.value,
         dropout=_DROPOUT.value,
     )

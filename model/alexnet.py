@@ -1,7 +1,8 @@
 """The paper's AlexNet (§3, Figure 2): two towers, LRN, overlapping pooling, dropout, the paper's init (§5).
 
 Tower a's layers end in `_a`, tower b's in `_b`. The towers talk only where the paper's GPUs do: at the inputs of
-conv3, fc6, fc7 and fc8. Given `tower_devices`, each tower's variables and ops are placed on its own device
+conv3, fc6, fc7 and fc8. The same variables can be computed tower by tower or in a fused form (FORMS). Given
+`tower_devices`, each tower's variables and ops are placed on its own device
 (§3.2's model parallelism); without them both towers run wherever the caller places the model (under
 MirroredStrategy: on each replica's device). Weight decay is part of the update rule (model/recipe.py).
 """
@@ -20,6 +21,38 @@ CONV1_PAD = ((0, 0), (1, 2), (1, 2), (0, 0))  # 224 + 3 = 227: 11x11 stride 4 gi
 CONVS = (("conv1", 48, 11, 4, "valid"), ("conv2", 128, 5, 1, "same"), ("conv3", 192, 3, 1, "same"))
 CONVS += (("conv4", 192, 3, 1, "same"), ("conv5", 128, 3, 1, "same"))
 FCS = (("fc6", 2048), ("fc7", 2048))
+# How the same variables are computed (checkpoints are interchangeable): "towers" layer by layer per tower (needed
+# for tower_devices); "fused" and "grouped" on one device with fewer ops (AlexNet._call_fused). "auto": towers
+# with tower_devices, else grouped on GPUs (grouped convs are fast there), else fused.
+FORMS = ("auto", "towers", "fused", "grouped")
+
+
+def _channel_window_sum(z):
+    """sum_{|j-i| <= n/2} z_j over the channels, as a matmul by a 0/1 band matrix (one fast GEMM on CPU and GPU)."""
+    channels, radius = z.shape[-1], LRN["depth_radius"]
+    index = tf.range(channels)
+    band = tf.cast(tf.abs(index[:, None] - index[None, :]) <= radius, z.dtype)
+    return tf.reshape(tf.matmul(tf.reshape(z, (-1, channels)), band), tf.shape(z))
+
+
+@tf.custom_gradient
+def local_response_normalization(x):
+    """§3.3: tf.nn.local_response_normalization with the paper's constants, and its gradient from the formula.
+
+    With d_i = k + alpha sum_{j near i} x_j^2 and y_i = x_i d_i^-beta:
+    dL/dx_i = g_i d_i^-beta - 2 alpha beta x_i sum_{j near i} g_j x_j d_j^(-beta-1).
+    TensorFlow's CPU LRNGrad kernel took ~4x the forward pass (586 ms vs 134 ms on conv1's 128x55x55x48 output):
+    ~30% of a training step. This is two band matmuls and elementwise ops (~25 ms), equal to it within 1e-6.
+    """
+    y = tf.nn.local_response_normalization(x, **LRN)
+
+    def grad(g):
+        d = LRN["bias"] + LRN["alpha"] * _channel_window_sum(tf.square(x))
+        d_pow = tf.pow(d, -LRN["beta"]) if LRN["beta"] != 0.75 else tf.math.rsqrt(d) * tf.sqrt(tf.math.rsqrt(d))
+        window = _channel_window_sum(g * x * d_pow / d)
+        return g * d_pow - (2 * LRN["alpha"] * LRN["beta"]) * x * window
+
+    return y, grad
 
 
 class LocalResponseNorm(keras.layers.Layer):
@@ -30,7 +63,7 @@ class LocalResponseNorm(keras.layers.Layer):
         super().__init__(**kwargs)
 
     def call(self, x):
-        return tf.nn.local_response_normalization(x, **LRN)
+        return local_response_normalization(x)
 
 
 def _kernel_kwargs(name, std):
@@ -50,12 +83,25 @@ class AlexNet(keras.Model):
         num_classes=1000,
         *,
         tower_devices=None,
+        form="auto",
         dropout=DROPOUT,
         weight_std=WEIGHT_STD,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_classes, self.tower_devices = num_classes, tower_devices
+        if form not in FORMS:
+            raise ValueError(f"form={form!r}: expected one of {FORMS}")
+        if tower_devices and form not in ("auto", "towers"):
+            raise ValueError(f"form={form!r} runs on one device: tower_devices need form='towers'")
+        gpus = tf.config.list_logical_devices("GPU")
+        if form == "auto":
+            form = "towers" if tower_devices else "grouped" if gpus else "fused"
+        if form == "grouped" and self.dtype_policy.compute_dtype == "float16" and not gpus:
+            raise ValueError(
+                "form='grouped' in float16 cannot train on CPU (TensorFlow has no CPU gradient for grouped "
+                "float16 convolutions): use form='fused' there"
+            )
+        self.num_classes, self.tower_devices, self.form = num_classes, tower_devices, form
         self.dropout_rate, self.weight_std = dropout, weight_std
         towers = "ab"
         self.convs = {
@@ -108,6 +154,11 @@ class AlexNet(keras.Model):
             self.fc8.build((None, 4096))
 
     def call(self, images, training=False):
+        if self.form == "towers":
+            return self._call_towers(images, training)
+        return self._call_fused(images, training)
+
+    def _call_towers(self, images, training):
         def stage1(t, x):  # conv1 -> LRN -> pool -> conv2 (own tower only) -> LRN -> pool.
             x = self.pool(self.lrn[t](self.convs["conv1"][t](x)))
             return self.pool(self.lrn[2 + t](self.convs["conv2"][t](x)))
@@ -125,11 +176,54 @@ class AlexNet(keras.Model):
         with self._on(0):
             return self.fc8(tf.concat(x, -1))
 
+    def _call_fused(self, images, training):
+        """The same function on one device with fewer, larger ops: layers that see both towers run as one op on
+        the towers' kernels concatenated; own-tower convs as one grouped conv, or as two convs ("fused", for
+        CPUs, where grouped convs are slow). LRN stays per tower (a tower's channel edges are real edges)."""
+
+        def lrn(i, x):
+            a, b = tf.split(x, 2, axis=-1)
+            return tf.concat([self.lrn[i](a), self.lrn[i + 1](b)], axis=-1)
+
+        x = self.pool(lrn(0, self._full_conv("conv1", tf.pad(images, CONV1_PAD))))
+        x = self.pool(lrn(2, self._own_conv("conv2", x)))
+        x = self._own_conv("conv4", self._full_conv("conv3", x))
+        a, b = tf.split(self.pool(self._own_conv("conv5", x)), 2, axis=-1)
+        x = tf.concat([self.flatten(a), self.flatten(b)], axis=-1)  # Each tower's positions, as the towers flatten.
+        x = self.dropout(self._full_dense("fc6", x), training=training)
+        x = self.dropout(self._full_dense("fc7", x), training=training)
+        return self.fc8(x)
+
+    def _weights(self, layers):
+        dtype = layers[0].compute_dtype
+        kernel = tf.concat([tf.cast(layer.kernel, dtype) for layer in layers], axis=-1)
+        return kernel, tf.concat([tf.cast(layer.bias, dtype) for layer in layers], axis=-1), dtype
+
+    def _full_conv(self, name, x):
+        layers = self.convs[name]
+        kernel, bias, dtype = self._weights(layers)
+        y = tf.nn.conv2d(tf.cast(x, dtype), kernel, layers[0].strides, layers[0].padding.upper())
+        return tf.nn.relu(tf.nn.bias_add(y, bias))
+
+    def _own_conv(self, name, x):
+        layers = self.convs[name]
+        if self.form == "fused":
+            a, b = tf.split(x, 2, axis=-1)
+            return tf.concat([layers[0](a), layers[1](b)], axis=-1)
+        kernel, bias, dtype = self._weights(layers)  # Input depth 2x the kernel's: TF convolves in 2 groups.
+        y = tf.nn.conv2d(tf.cast(x, dtype), kernel, layers[0].strides, layers[0].padding.upper())
+        return tf.nn.relu(tf.nn.bias_add(y, bias))
+
+    def _full_dense(self, name, x):
+        kernel, bias, dtype = self._weights(self.fcs[name])
+        return tf.nn.relu(tf.nn.bias_add(tf.matmul(tf.cast(x, dtype), kernel), bias))
+
     def get_config(self):
         config = super().get_config()
         config.update(
             num_classes=self.num_classes,
             tower_devices=self.tower_devices,
+            form=self.form,
             dropout=self.dropout_rate,
             weight_std=self.weight_std,
         )

@@ -43,6 +43,12 @@ def build_classifier(num_classes, stats, *, image_size, crop_size, lighting_std,
     return keras.Model(inputs, net(preprocess(inputs)), name="classifier"), preprocess, net
 
 
+def make_optimizer(precision, learning_rate, momentum, weight_decay):
+    """§5's update rule; under float16, wrapped in dynamic loss scaling (float16 gradients underflow without it)."""
+    optimizer = recipe.PaperSGD(learning_rate, momentum, weight_decay)
+    return keras.optimizers.LossScaleOptimizer(optimizer) if precision == "mixed_float16" else optimizer
+
+
 def evaluate(preprocess, net, dataset, *, crops=10):
     """Top-1 and top-5 error over the dataset, averaging softmax over the centre crop or §4.1's ten patches."""
 
@@ -107,9 +113,7 @@ def train(
             precision=precision,
             **model_kwargs,
         )
-        optimizer = recipe.PaperSGD(learning_rate, momentum, weight_decay)
-        if precision == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = make_optimizer(precision, learning_rate, momentum, weight_decay)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         classifier.compile(optimizer=optimizer, loss=loss, metrics=recipe.metrics())
     callbacks = [

@@ -1,5 +1,6 @@
 import re
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -128,3 +129,97 @@ def test_dropout_only_in_training():
     x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
     np.testing.assert_array_equal(net(x).numpy(), net(x).numpy())
     assert not np.array_equal(net(x, training=True).numpy(), net(x, training=True).numpy())
+
+
+def test_lrn_gradient_is_the_formulas():
+    """The custom gradient against TensorFlow's own LRNGrad kernel and against finite differences of §3.3."""
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0, 300, size=(1, 2, 2, 48))
+    g = rng.normal(size=a.shape)
+    x = tf.constant(a, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = alexnet.local_response_normalization(x)
+    got = tape.gradient(y, x, output_gradients=tf.constant(g, tf.float32)).numpy()
+    tf_grad = tf.raw_ops.LRNGrad(
+        input_grads=tf.constant(g, tf.float32), input_image=x, output_image=y, **alexnet.LRN
+    ).numpy()
+    np.testing.assert_allclose(got, tf_grad, rtol=1e-4, atol=1e-7)
+    eps, numeric = 1e-3, np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        step = np.zeros_like(a)
+        step[i] = eps
+        numeric[i] = ((_paper_lrn(a + step) - _paper_lrn(a - step)) * g).sum() / (2 * eps)
+    np.testing.assert_allclose(got, numeric, rtol=1e-3, atol=1e-6)
+
+
+def _loss_and_grads(net, x):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(tf.cast(net(x, training=False), tf.float32)))
+    grads = tape.gradient(loss, net.trainable_weights)
+    return loss, {w.path: g for w, g in zip(net.trainable_weights, grads, strict=True)}
+
+
+@pytest.mark.parametrize("form", ["fused", "grouped"])
+def test_fast_forms_compute_the_same_function_and_gradients(form):
+    x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
+    towers = build_alexnet(10, input_size=112, form="towers")
+    fast = build_alexnet(10, input_size=112, form=form)
+    fast.set_weights(towers.get_weights())
+    loss, grads = _loss_and_grads(towers, x)
+    fast_loss, fast_grads = _loss_and_grads(fast, x)
+    np.testing.assert_allclose(fast_loss.numpy(), loss.numpy(), rtol=1e-4)
+    assert fast_grads.keys() == grads.keys()
+    for path, grad in grads.items():
+        np.testing.assert_allclose(fast_grads[path].numpy(), grad.numpy(), rtol=1e-3, atol=1e-6, err_msg=path)
+
+
+def test_checkpoints_are_interchangeable_between_forms_and_placements(tmp_path):
+    x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
+    grouped = build_alexnet(10, input_size=112, form="grouped")
+    grouped.save_weights(tmp_path / "grouped.weights.h5")
+    towers = build_alexnet(10, input_size=112, tower_devices=TOWER_DEVICES)
+    towers.load_weights(tmp_path / "grouped.weights.h5")
+    np.testing.assert_allclose(towers(x).numpy(), grouped(x).numpy(), rtol=1e-4, atol=1e-6)
+    towers.save_weights(tmp_path / "towers.weights.h5")
+    fused = build_alexnet(10, input_size=112, form="fused")
+    fused.load_weights(tmp_path / "towers.weights.h5")
+    np.testing.assert_allclose(fused(x).numpy(), grouped(x).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_form_choice_and_its_errors():
+    assert build_alexnet(10, input_size=64).form == "fused"  # No GPU: grouped convolutions are slow on CPU.
+    assert build_alexnet(10, input_size=64, tower_devices=TOWER_DEVICES).form == "towers"
+    with pytest.raises(ValueError, match="tower_devices need form='towers'"):
+        alexnet.AlexNet(10, form="grouped", tower_devices=TOWER_DEVICES)
+    with pytest.raises(ValueError, match="expected one of"):
+        alexnet.AlexNet(10, form="fast")
+
+
+@pytest.mark.parametrize("form", ["towers", "fused", "grouped"])
+@pytest.mark.parametrize("precision, dtype", [("mixed_bfloat16", tf.bfloat16), ("mixed_float16", tf.float16)])
+def test_mixed_precision_computes_in_half_keeps_float32_variables_lrn_and_logits(form, precision, dtype):
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        if form == "grouped" and precision == "mixed_float16":  # No GPU here; TF has no CPU gradient for it.
+            with pytest.raises(ValueError, match="use form='fused'"):
+                build_alexnet(10, input_size=112, form=form)
+            return
+        net = build_alexnet(10, input_size=112, form=form)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    reference = build_alexnet(10, input_size=112, form="towers")
+    reference.set_weights(net.get_weights())
+    assert {w.dtype for w in net.weights} == {"float32"}
+    assert net.convs["conv2"][0].compute_dtype == net.fcs["fc6"][1].compute_dtype == dtype.name
+    assert {layer.compute_dtype for layer in net.lrn} == {"float32"} and net.fc8.compute_dtype == "float32"
+    x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
+    graph = tf.function(lambda x: net(x)).get_concrete_function(tf.TensorSpec(x.shape)).graph
+    convs = [op for op in graph.get_operations() if op.type == "Conv2D"]
+    assert convs and {op.get_attr("T") for op in convs} == {dtype}
+    assert {op.get_attr("T") for op in graph.get_operations() if op.type == "LRN"} == {tf.float32}
+    logits = net(x)
+    assert logits.dtype == tf.float32
+    np.testing.assert_allclose(logits.numpy(), reference(x).numpy(), rtol=0.1, atol=0.05)
+    _, grads = _loss_and_grads(net, x)
+    assert all(g.dtype == tf.float32 and np.isfinite(g.numpy()).all() for g in grads.values())

@@ -1,6 +1,7 @@
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -110,3 +111,26 @@ def test_logged_validation_error_is_that_of_the_validation_images(trained, demo_
     expected = training.evaluate(preprocess, net, whole, crops=1)
     assert expected["images"] == 16
     assert logged == pytest.approx(expected["top1_error"], abs=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_each_precision_trains_with_float32_weights_and_loss_scaling_for_float16(precision):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    stats = {"mean_image": np.full((256, 256, 3), 120.0), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
+    classifier, _, net = training.build_classifier(
+        4, stats, image_size=72, crop_size=64, lighting_std=0.1, precision=precision, weight_std=0.02
+    )
+    optimizer = training.make_optimizer(precision, 0.01, 0.9, 0.0005)
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
+    classifier.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    images = rng.integers(0, 256, (8, 72, 72, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, 8).astype(np.int32)
+    before = [w.numpy().copy() for w in net.trainable_weights]
+    history = classifier.fit(images, labels, batch_size=4, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert all(w.dtype == "float32" for w in net.trainable_weights)
+    changed = [not np.array_equal(b, w.numpy()) for b, w in zip(before, net.trainable_weights, strict=True)]
+    assert all(changed), [w.path for w, c in zip(net.trainable_weights, changed, strict=True) if not c]
+    if precision == "mixed_float16":
+        assert float(optimizer.dynamic_scale) > 0 and optimizer.inner_optimizer.coupled_decay == 0.0005
