@@ -37,8 +37,8 @@ _MODEL_FORM = flags.DEFINE_enum(
     "model_form",
     "auto",
     ["auto", "towers", "fused", "grouped"],
-    "How the same weights are computed: per tower, or fused into fewer ops (grouped convs: GPUs). auto: towers with "
-    "--tower_devices, else grouped on GPUs, else fused. Checkpoints work across forms.",
+    "How the same weights are computed: per tower, or fused into fewer ops (grouped convs: GPUs). auto: grouped on "
+    "GPUs without --tower_devices, else towers (fastest on CPU). Checkpoints work across forms.",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for init, shuffling and augmentation.")
 _LOG_EVERY = flags.DEFINE_integer("log_every_steps", 20, "Steps between throughput and per-step scalars.")

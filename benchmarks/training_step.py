@@ -1,9 +1,12 @@
 r"""The training step as a fraction of this machine's matmul roofline, measured in the same run.
 
     python benchmarks/training_step.py [--batch_size=128] [--steps=5] [--precisions=float32,mixed_bfloat16]
+                                       [--forms=towers,fused]
 
 A training image costs ~4.35 GFLOP (3 x the 1.45 GFLOP forward pass at 224x224). The roofline is the best
-tf.matmul rate of the same dtype; the machine is shared, so only same-run ratios mean anything.
+tf.matmul rate of the same dtype, measured just before and just after each precision's training runs (the
+machine is shared, so only same-run ratios mean anything). The model is the paper's: 1000 classes, its init,
+LRN, dropout and the §5 update rule with weight decay, in each --forms (model.alexnet.FORMS).
 """
 
 import time
@@ -19,6 +22,7 @@ GFLOP_PER_IMAGE = 4.35
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after warm-up.")
 _PRECISIONS = flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16"], "Keras dtype policies to time.")
+_FORMS = flags.DEFINE_list("forms", ["towers", "fused"], "Model forms to time (grouped is for GPUs).")
 
 
 def matmul_peak(dtype, n=4096, repeats=10):
@@ -35,10 +39,10 @@ def matmul_peak(dtype, n=4096, repeats=10):
     return 2 * n**3 / best / 1e9
 
 
-def train_rate(precision, batch, steps):
+def train_rate(precision, form, batch, steps):
     """Training images/s of the paper's model (1000 classes, 224x224) with the paper's update rule."""
     keras.mixed_precision.set_global_policy(precision)
-    net = build_alexnet(1000)
+    net = build_alexnet(1000, form=form)
     keras.mixed_precision.set_global_policy("float32")
     optimizer = recipe.PaperSGD()
     x = tf.random.normal((batch, 224, 224, 3), stddev=50.0)
@@ -65,13 +69,16 @@ def main(argv):
     del argv
     for precision in _PRECISIONS.value:
         dtype = tf.bfloat16 if "bfloat16" in precision else tf.float16 if "float16" in precision else tf.float32
-        peak = matmul_peak(dtype)
-        rate = train_rate(precision, _BATCH.value, _STEPS.value)
-        achieved = rate * GFLOP_PER_IMAGE
-        print(
-            f"{precision}: matmul peak {peak:.0f} GFLOP/s; training {rate:.1f} img/s = {achieved:.0f} GFLOP/s "
-            f"= {achieved / peak:.0%} of the roofline"
-        )
+        before = matmul_peak(dtype)
+        rates = {form: train_rate(precision, form, _BATCH.value, _STEPS.value) for form in _FORMS.value}
+        after = matmul_peak(dtype)
+        peak = (before + after) / 2
+        print(f"{precision}: matmul peak {before:.0f} / {after:.0f} GFLOP/s before / after")
+        for form, rate in rates.items():
+            achieved = rate * GFLOP_PER_IMAGE
+            print(
+                f"  {form}: training {rate:.1f} img/s = {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the roofline"
+            )
 
 
 if __name__ == "__main__":
