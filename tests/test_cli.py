@@ -73,3 +73,18 @@ def test_make_demo_data_writes_imagenet_layout(tmp_path):
     assert sorted(os.listdir(tmp_path / "val"))[0] == "ILSVRC2012_val_00000001.JPEG"
     with open(tmp_path / "validation_labels.txt") as f:
         assert len(f.read().split()) == 10
+
+
+def test_downloaded_tars_from_make_demo_data_convert_without_extracting(tmp_path):
+    tars, out = tmp_path / "tars", tmp_path / "out"
+    args = ["-m", "pipeline.make_demo_data", f"--output_dir={tars}", "--train_per_class=2", "--val_per_class=1"]
+    result = _run(*args, "--as_tars")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(tars)) == ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "validation_labels.txt"]
+    args = ["-m", "pipeline.build_tfrecords", f"--input_dir={tars}", f"--output_dir={out}", "--train_shards=2"]
+    result = _run(*args, "--validation_shards=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["train"] == {"seen": 24, "written": 23, "rejected": 1, "shards": 2}  # 10 x 2 + 4 quirks.
+    assert summary["validation"]["written"] == 10
