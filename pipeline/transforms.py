@@ -8,6 +8,7 @@ memory does not grow with the dataset. Outputs are staged and moved
 into place by one final step, which first removes the previous run's files, so shards are never a mix of two runs.
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -76,9 +77,18 @@ class ListImages(beam.PTransform):
 
 
 def _tar_refs(tar, folder):
-    with sources.open_file(tar) as f:
+    with sources.open_file(tar) as f, _naming(tar):
         for name, offset, size in sources.tar_members(f):
             yield sources.ImageRef(f"{folder}/{name}", tar, offset, size)
+
+
+@contextlib.contextmanager
+def _naming(what):
+    """A tar that cannot be listed stops the job (its images cannot be listed as rejected): say which one."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}; download it again, or extract it and point --input_dir at the folders") from e
 
 
 def _class_tar_refs(class_tar):
@@ -87,7 +97,7 @@ def _class_tar_refs(class_tar):
     if ext != ".tar":  # Not a class tar: passed on, and rejected as not inside a class.
         yield class_tar
         return
-    with sources.open_file(class_tar.source) as f:
+    with sources.open_file(class_tar.source) as f, _naming(class_tar.describe()):
         for name, offset, size in sources.tar_members(f, class_tar.offset, class_tar.size):
             yield sources.ImageRef(f"train/{wnid}/{os.path.basename(name)}", class_tar.source, offset, size)
 

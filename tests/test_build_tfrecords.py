@@ -132,3 +132,10 @@ def test_downloaded_tars_give_the_same_output_as_extracted_folders(demo_tars, de
         (row,) = [line.rstrip("\n").split("\t") for line in f][1:]
     assert row[1].startswith(os.path.join(demo_tars, "ILSVRC2012_img_train.tar:train/")), row
     assert row[1].endswith("_truncated.JPEG") and "truncated" in row[2]
+
+
+def test_an_unreadable_tar_stops_the_job_naming_it(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "ILSVRC2012_img_train.tar").write_bytes(b"\x1f\x8b" + b"gzipped, not a plain tar" * 100)
+    with pytest.raises(Exception, match="ILSVRC2012_img_train.tar: not a readable uncompressed tar"):
+        run_conversion(str(tmp_path / "in"), str(tmp_path / "out"), val_labels_file=None)
