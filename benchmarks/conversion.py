@@ -8,8 +8,10 @@ whole Beam job at N and 2N images, and a plain single-process PIL loop (decode, 
 the same photos just before and just after each job (the machine is shared; its speed drifts). For each size it
 prints the conversion's rate as the job reports it (images / seconds from the first shard started to the last
 one written: what a long run sustains, start-up excluded) as a ratio to cores x the loop's rate, the whole job's
-rate with start-up, and the peak RSS of any process of the job (it must not grow with N). Then the core time
-per image and what full ImageNet would cost at that rate.
+rate with start-up, and the peak RSS of any process of the job (it must not grow with N); then the CPU time
+per image of the job's shard writers (per-thread CPU clocks, reported by the job) against the loop's. That ratio
+does not depend on what else shares the machine's cores (this VM shows up to 100% steal). Last, what full
+ImageNet costs in core-hours at the job's CPU time per image.
 """
 
 import glob
@@ -91,15 +93,15 @@ def write_input(root, files, layout):
 
 
 def plain_loop(files):
-    """The baseline: decode, shorter side to 256, centre crop, encode; images/s on one core."""
-    start = time.perf_counter()
+    """The baseline: decode, shorter side to 256, centre crop, encode; (images/s on one core, CPU ms per image)."""
+    start, cpu = time.perf_counter(), time.process_time()
     for _, _, data in files:
         img = Image.open(io.BytesIO(data)).convert("RGB")
         scale = 256 / min(img.size)
         img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.Resampling.BICUBIC)
         left, top = (img.size[0] - 256) // 2, (img.size[1] - 256) // 2
         img.crop((left, top, left + 256, top + 256)).save(io.BytesIO(), "JPEG", quality=90)
-    return len(files) / (time.perf_counter() - start)
+    return len(files) / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / len(files)
 
 
 # Runs the job as a child and reports the peak RSS over it and every process it waited for (the Beam workers).
@@ -107,13 +109,13 @@ _MEASURE = """
 import re, resource, subprocess, sys, time
 start = time.perf_counter()
 job = subprocess.run(sys.argv[1:], check=True, stdout=subprocess.PIPE, text=True)
-rate = float(re.search(r"([0-9.]+) images/s", job.stdout).group(1))
-print(time.perf_counter() - start, rate, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+rate, cpu = map(float, re.search(r"([0-9.]+) images/s, ([0-9.]+) ms of CPU", job.stdout).groups())
+print(time.perf_counter() - start, rate, cpu, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 """
 
 
 def beam_job(root, workers):
-    """(seconds for the whole job, the conversion's images/s, peak RSS MiB of any of its processes)."""
+    """(seconds for the whole job, the conversion's images/s and CPU ms per image, peak RSS MiB of any process)."""
     out = tempfile.mkdtemp()
     args = [sys.executable, "-m", "pipeline.build_tfrecords", f"--input_dir={root}", f"--output_dir={out}"]
     args += ["--train_shards=16", "--validation_shards=1", f"--direct_num_workers={workers}"]
@@ -140,18 +142,22 @@ def main(argv):
         root = tempfile.mkdtemp()
         write_input(root, files[:count], _LAYOUT.value)
         before = plain_loop(sample)  # The machine is shared: the loop runs just before and just after each job.
-        elapsed, rate, rss = beam_job(root, workers)
-        loop = (before + plain_loop(sample)) / 2
+        elapsed, rate, cpu_ms, rss = beam_job(root, workers)
+        after = plain_loop(sample)
+        loop, loop_cpu_ms = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
         shutil.rmtree(root)
         print(
             f"{count} images: plain PIL loop {loop:.0f} img/s on one core; Beam conversion {rate:.0f} img/s = "
             f"{rate / (cores * loop):.2f} x ({cores} cores x loop); whole job {elapsed:.1f} s = "
             f"{count / elapsed:.0f} img/s with start-up; peak RSS {rss:.0f} MiB"
         )
-    core_ms = 1000 * cores / rate
+        print(
+            f"  CPU per image: Beam {cpu_ms:.1f} ms, loop {loop_cpu_ms:.1f} ms: the job needs "
+            f"{cpu_ms / loop_cpu_ms:.2f} x the loop's CPU per image (what a steal-free machine would show)"
+        )
     print(
-        f"{core_ms:.1f} ms of a core per image: full ImageNet ({IMAGENET_IMAGES:,} images) = "
-        f"{IMAGENET_IMAGES * core_ms / 3.6e6:.1f} core-hours at this rate"
+        f"{cpu_ms:.1f} ms of CPU per image: full ImageNet ({IMAGENET_IMAGES:,} images) = "
+        f"{IMAGENET_IMAGES * cpu_ms / 3.6e6:.1f} core-hours at this rate"
     )
 
 

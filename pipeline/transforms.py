@@ -32,6 +32,7 @@ OUTPUT_GLOBS = ("summary.json", "train-*-of-*", "validation-*-of-*", "stats.npz"
 REJECTED = "rejected.tsv"
 PROGRESS_SECONDS = 10
 SPAN = "conversion_span"
+CPU = "conversion_cpu"
 
 
 def shard_name(split, index, num_shards):
@@ -134,7 +135,7 @@ class _ConvertShardFn(beam.DoFn):
             f.close()
 
     def process(self, element, wnids):
-        started = time.time()
+        started, cpu_started = time.time(), time.thread_time()
         shard, items = element
         name = shard_name(self.split, shard, self.num_shards)
         accumulator, written = None, 0
@@ -158,6 +159,8 @@ class _ConvertShardFn(beam.DoFn):
         # The conversion's span, from the first shard started to the last written, read by `conversion_span`.
         beam.metrics.Metrics.distribution(SPAN, f"{self.split}_start_ms").update(int(started * 1000))
         beam.metrics.Metrics.distribution(SPAN, f"{self.split}_end_ms").update(int(time.time() * 1000))
+        # CPU time of this thread on the shard: the conversion's cost whatever else shares the cores.
+        beam.metrics.Metrics.counter(CPU, "ms").inc(int((time.thread_time() - cpu_started) * 1000))
         yield self.split, name, written
 
     def _convert(self, ref, wnid, wnids):
@@ -211,6 +214,12 @@ def conversion_span(metrics):
             total, start = total + end - start, next_start
         end = max(end, next_end)
     return (total + end - start) / 1000
+
+
+def conversion_cpu_seconds(metrics):
+    """CPU seconds the shard writers spent, summed over workers, from a finished job's metrics (None if none)."""
+    results = metrics.query(beam.metrics.MetricsFilter().with_namespace(CPU))["counters"]
+    return sum((r.committed or r.attempted) for r in results) / 1000 if results else None
 
 
 def _unlabelled_reason(split, wnid):
