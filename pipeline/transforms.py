@@ -129,6 +129,7 @@ class _ConvertShardFn(beam.DoFn):
         self.done, self.rejected, self.start, self.last_log = 0, 0, time.time(), time.time()
         self.opened = {}
         self.stats_fn = stats.PixelStatsFn()
+        self.counters = {r: beam.metrics.Metrics.counter(self.split, "rejected" if r else "written") for r in (0, 1)}
 
     def teardown(self):
         for f in self.opened.values():
@@ -139,11 +140,12 @@ class _ConvertShardFn(beam.DoFn):
         shard, items = element
         name = shard_name(self.split, shard, self.num_shards)
         accumulator, written = None, 0
+        labels = {wnid: label for label, wnid in enumerate(wnids)}
         with tempfile.NamedTemporaryFile(suffix=".tfrecord") as tmp:
             with tf.io.TFRecordWriter(tmp.name) as writer:
                 for _, (ref, wnid) in sorted(items):
                     try:
-                        example, pixels = self._convert(ref, wnid, wnids)
+                        example, pixels = self._convert(ref, wnid, labels)
                     except (images.Rejected, OSError) as e:
                         self._count(rejected=True)
                         yield beam.pvalue.TaggedOutput("rejected", (self.split, ref.describe(), str(e)))
@@ -163,15 +165,15 @@ class _ConvertShardFn(beam.DoFn):
         beam.metrics.Metrics.counter(CPU, "ms").inc(int((time.thread_time() - cpu_started) * 1000))
         yield self.split, name, written
 
-    def _convert(self, ref, wnid, wnids):
-        if wnid is None or wnid not in wnids:
+    def _convert(self, ref, wnid, labels):
+        if wnid is None or wnid not in labels:
             raise images.Rejected(_unlabelled_reason(self.split, wnid))
         jpeg, pixels = images.convert(sources.read_image(ref, self.opened), **self.convert_kwargs)
         example = example_spec.make_example(
             jpeg=jpeg,
             height=pixels.shape[0],
             width=pixels.shape[1],
-            label=wnids.index(wnid),
+            label=labels[wnid],
             synset=wnid,
             filename=os.path.basename(ref.relative),
         )
@@ -180,7 +182,7 @@ class _ConvertShardFn(beam.DoFn):
     def _count(self, rejected):
         self.done += 1
         self.rejected += rejected
-        beam.metrics.Metrics.counter(self.split, "rejected" if rejected else "written").inc()
+        self.counters[rejected].inc()
         now = time.time()
         if now - self.last_log >= PROGRESS_SECONDS:
             self.last_log = now
