@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 
@@ -72,24 +71,15 @@ def make_photos(count, seed=0):
 
 def write_input(root, files, layout):
     """The raw input as extracted folders, or as ILSVRC2012_img_train.tar holding one <wnid>.tar per class."""
-    if layout == "folder":
-        for wnid, name, data in files:
-            os.makedirs(os.path.join(root, "train", wnid), exist_ok=True)
-            with open(os.path.join(root, "train", wnid, name), "wb") as f:
-                f.write(data)
-        return
-    with tarfile.open(os.path.join(root, "ILSVRC2012_img_train.tar"), "w") as outer:
-        for wnid in sorted({w for w, _, _ in files}):
-            buffer = io.BytesIO()
-            with tarfile.open(fileobj=buffer, mode="w") as inner:
-                for _, name, data in (f for f in files if f[0] == wnid):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    inner.addfile(info, io.BytesIO(data))
-            info = tarfile.TarInfo(f"{wnid}.tar")
-            info.size = buffer.tell()
-            buffer.seek(0)
-            outer.addfile(info, buffer)
+    folder = root if layout == "folder" else tempfile.mkdtemp()
+    for wnid, name, data in files:
+        os.makedirs(os.path.join(folder, "train", wnid), exist_ok=True)
+        with open(os.path.join(folder, "train", wnid, name), "wb") as f:
+            f.write(data)
+    if layout == "tar":
+        os.makedirs(os.path.join(folder, "val"))
+        demo_data.write_as_tars(folder, root)
+        shutil.rmtree(folder)
 
 
 def plain_loop(files):

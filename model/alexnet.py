@@ -211,9 +211,7 @@ class AlexNet(keras.Model):
         if self.form == "fused":
             a, b = tf.split(x, 2, axis=-1)
             return tf.concat([layers[0](a), layers[1](b)], axis=-1)
-        kernel, bias, dtype = self._weights(layers)  # Input depth 2x the kernel's: TF convolves in 2 groups.
-        y = tf.nn.conv2d(tf.cast(x, dtype), kernel, layers[0].strides, layers[0].padding.upper())
-        return tf.nn.relu(tf.nn.bias_add(y, bias))
+        return self._full_conv(name, x)  # Input depth 2x the kernels': TF convolves in 2 groups.
 
     def _full_dense(self, name, x):
         kernel, bias, dtype = self._weights(self.fcs[name])
