@@ -8,7 +8,7 @@ import tensorflow as tf
 from model import LocalResponseNorm, alexnet, build_alexnet
 
 TOWER_DEVICES = ("/device:CPU:0", "/device:CPU:1")
-TOWER_LAYER = re.compile(r"(conv[1-5]|fc[67])_([ab])(_\d+)?")
+TOWER_LAYER = re.compile(r"(conv[1-5]|fc[67]|lrn[12])_([ab])(_\d+)?")
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +93,27 @@ def test_towers_variables_live_on_their_devices():
         assert w.value.device.endswith(expected[len("/device:") :]), (w.path, w.value.device)
 
 
-def test_towers_ops_run_on_their_devices():
+def test_towers_ops_run_on_their_devices_forward_and_backward():
     net = build_alexnet(10, input_size=112, tower_devices=TOWER_DEVICES)
-    graph = tf.function(lambda x: net(x, training=True)).get_concrete_function(tf.TensorSpec((2, 112, 112, 3))).graph
-    placed = {"a": set(), "b": set()}
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(net(x, training=True))
+        return tape.gradient(loss, net.trainable_variables)
+
+    graph = tf.function(step).get_concrete_function(tf.TensorSpec((2, 112, 112, 3))).graph
+    placed = {(t, d): set() for t in "ab" for d in ("forward", "backward")}
     for op in graph.get_operations():
         if op.type in ("Placeholder", "ReadVariableOp"):
             continue  # Variable reads run where the variable lives (previous test).
         for part in op.name.split("/"):
             layer = TOWER_LAYER.fullmatch(part)  # Keras may suffix a scope: conv1_a_1.
             if layer:
-                placed[layer.group(2)].add(op.device)
-    assert placed["a"] == {TOWER_DEVICES[0]} and placed["b"] == {TOWER_DEVICES[1]}
+                placed[layer.group(2), "backward" if op.name.startswith("gradient") else "forward"].add(op.device)
+    # GradientTape places no gradient op by itself: without AlexNet._placed all of this was the default device.
+    for direction in ("forward", "backward"):
+        assert placed["a", direction] == {TOWER_DEVICES[0]}, direction
+        assert placed["b", direction] == {TOWER_DEVICES[1]}, direction
 
 
 def test_same_weights_same_outputs_on_one_device_two_towers_and_mirrored_replicas():
