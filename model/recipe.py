@@ -1,10 +1,24 @@
 """The paper's training recipe (§5) in Keras terms: the update rule and the error metrics it reports (§6)."""
 
 import keras
+import tensorflow as tf
 
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 WEIGHT_DECAY = 0.0005
+
+
+@tf.function(jit_compile=True)
+def _momentum_update(var, accum, grad, learning_rate, momentum, decay):
+    """accum <- momentum accum - lr (grad + decay var); var <- var + accum, on resource handles in one XLA loop.
+
+    As separate ops (Keras' SGD) it is ~7 passes over memory; fused it reads grad, var and accum once and writes
+    var and accum once: ~2x faster on the ~61M parameters, ~2% of a CPU training step.
+    """
+    w = tf.raw_ops.ReadVariableOp(resource=var, dtype=grad.dtype)
+    v = momentum * tf.raw_ops.ReadVariableOp(resource=accum, dtype=grad.dtype) - learning_rate * (grad + decay * w)
+    tf.raw_ops.AssignVariableOp(resource=accum, value=v)
+    tf.raw_ops.AssignVariableOp(resource=var, value=w + v)
 
 
 class PaperSGD(keras.optimizers.SGD):
@@ -12,21 +26,35 @@ class PaperSGD(keras.optimizers.SGD):
 
     The decay enters the gradient before the momentum, as in the paper. Keras' SGD(weight_decay=...) is applied
     outside the momentum (decoupled), and an L2 kernel regularizer costs ~30% of a CPU step here; this costs nothing.
+    The update is one fused op per variable (_momentum_update) on the TensorFlow variables Keras hands to
+    update_step (under MirroredStrategy: each replica's copy, inside the strategy's update call).
     """
 
     def __init__(self, learning_rate=LEARNING_RATE, momentum=MOMENTUM, coupled_decay=WEIGHT_DECAY, **kwargs):
+        if kwargs.get("nesterov"):
+            raise ValueError("PaperSGD is the paper's plain momentum (§5): nesterov=True is not supported.")
         super().__init__(learning_rate=learning_rate, momentum=momentum, **kwargs)
         self.coupled_decay = coupled_decay
 
     def build(self, variables):
         super().build(variables)
+        if self.momentum == 0 and not self.momentums:  # Keras keeps none then; the fused update needs one.
+            self.momentums = self.add_optimizer_variables(variables, "momentum")
         self._decayed = [v.path.endswith("kernel") for v in variables]
 
     def update_step(self, gradient, variable, learning_rate):
         # Looked up by index: under MirroredStrategy `variable` is a replica's tf.Variable, without Keras' path.
-        if self.coupled_decay and self._decayed[self._get_variable_index(variable)]:
-            gradient = gradient + keras.ops.cast(self.coupled_decay, variable.dtype) * variable
-        super().update_step(gradient, variable, learning_rate)
+        index = self._get_variable_index(variable)
+        dtype = variable.dtype
+        decay = self.coupled_decay if self._decayed[index] else 0.0
+        _momentum_update(
+            variable.handle,
+            self.momentums[index].value.handle,  # In the strategy's update call: this replica's copy.
+            tf.cast(gradient, dtype),
+            tf.cast(learning_rate, dtype),
+            tf.constant(self.momentum, dtype),
+            tf.constant(decay, dtype),
+        )
 
     def get_config(self):
         return {**super().get_config(), "coupled_decay": self.coupled_decay}
