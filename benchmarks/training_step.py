@@ -1,16 +1,23 @@
 r"""The training step as a fraction of this machine's matmul roofline, measured in the same run.
 
-    python benchmarks/training_step.py [--batch_size=128] [--steps=5] [--precisions=float32,mixed_bfloat16]
-                                       [--forms=towers,fused]
+    python benchmarks/training_step.py [--batch_size=128] [--rounds=7] [--precisions=float32,mixed_bfloat16]
+                                       [--forms=towers,fused] [--baseline]
 
-A training image costs ~4.35 GFLOP (3 x the 1.45 GFLOP forward pass at 224x224). The roofline is the best
-tf.matmul rate of the same dtype, measured just before and just after each precision's training runs (the
-machine is shared, so only same-run ratios mean anything). The same ratio in GFLOP per CPU-second of the
-process does not move with CPU steal (this VM shows up to 100%), but counts TensorFlow's spinning threads.
-The model is the paper's: 1000 classes, its init, LRN, dropout and the §5 update rule with weight decay, in
-each of --forms (model.alexnet.FORMS).
+A training image costs ~4.35 GFLOP (3 x the 1.45 GFLOP forward pass at 224x224). The roofline is tf.matmul's
+rate in the same dtype (4096 x 4096, best of 3). The machine is shared (CPU steal up to 100%, speeds swing 2x
+between minutes), so every contestant runs once per round, in turn: the matmul, the plain baseline, then each
+form, and each round gives each a fraction of that round's roofline. The report is the median over rounds (and
+the range). Two more figures: the median rate over the best matmul of the whole run (the most pessimistic: a
+median against a maximum), and the fraction in GFLOP per CPU-second of the process (does not move with steal, but
+counts TensorFlow's spinning threads).
+
+The model is the paper's: 1000 classes, its init, LRN, dropout and the §5 update rule with weight decay, in each
+of --forms (model.alexnet.FORMS). --baseline adds the model the issue compares with: the same two towers as plain
+Keras layers, without LRN, with Keras' default init and SGD with momentum, without weight decay. "towers / plain"
+is how much the real model costs over it (1.00: nothing).
 """
 
+import statistics
 import time
 
 import keras
@@ -20,33 +27,56 @@ from absl import app, flags
 from model import build_alexnet, recipe
 
 GFLOP_PER_IMAGE = 4.35
+MATMUL_N = 4096
 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after warm-up.")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed rounds after warm-up; each times every contestant once.")
 _PRECISIONS = flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16"], "Keras dtype policies to time.")
 _FORMS = flags.DEFINE_list("forms", ["towers", "fused"], "Model forms to time (grouped is for GPUs).")
+_BASELINE = flags.DEFINE_bool("baseline", True, "Also time the plain two-tower Keras model.")
 
 
-def matmul_peak(dtype, n=4096, repeats=10):
-    """(GFLOP/s, GFLOP per CPU-second) of the best of `repeats` n x n matmuls."""
-    a = tf.random.normal((n, n), dtype=tf.float32)
-    a = tf.cast(a, dtype)
+def plain_two_tower(num_classes=1000, input_size=224):
+    """The baseline: AlexNet's two towers and shapes as plain Keras layers, no LRN, default init."""
+    layers = keras.layers
+
+    def conv(filters, kernel, x, **kwargs):
+        return layers.Conv2D(filters, kernel, activation="relu", **kwargs)(x)
+
+    def pool(x):
+        return layers.MaxPooling2D(3, 2)(x)
+
+    images = keras.Input((input_size, input_size, 3))
+    x = layers.ZeroPadding2D(((1, 2), (1, 2)))(images)
+    towers = [pool(conv(128, 5, pool(conv(48, 11, x, strides=4)), padding="same")) for _ in "ab"]
+    both = layers.Concatenate()(towers)
+    towers = [conv(192, 3, both, padding="same") for _ in "ab"]
+    towers = [pool(conv(128, 3, conv(192, 3, t, padding="same"), padding="same")) for t in towers]
+    x = layers.Concatenate()([layers.Flatten()(t) for t in towers])
+    for _ in ("fc6", "fc7"):
+        x = layers.Concatenate()([layers.Dropout(0.5)(layers.Dense(2048, activation="relu")(x)) for _ in "ab"])
+    return keras.Model(images, layers.Dense(num_classes)(x))
+
+
+def matmul_timer(dtype):
+    """A callable that runs the best of 3 n x n matmuls and returns the GFLOP they did."""
+    a = tf.cast(tf.random.normal((MATMUL_N, MATMUL_N)), dtype)
     mm = tf.function(lambda x: tf.matmul(x, x))
     mm(a).numpy()
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(repeats):
-        start, cpu = time.perf_counter(), time.process_time()
-        mm(a).numpy()
-        best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.process_time() - cpu)
-    return 2 * n**3 / best / 1e9, 2 * n**3 / best_cpu / 1e9
+
+    def best_of_3():
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            mm(a).numpy()
+            best = min(best, time.perf_counter() - start)
+        return best, 2 * MATMUL_N**3 / 1e9
+
+    return best_of_3
 
 
-def train_rate(precision, form, batch, steps):
-    """Training images/s of the paper's model (1000 classes, 224x224) with the paper's update rule."""
-    keras.mixed_precision.set_global_policy(precision)
-    net = build_alexnet(1000, form=form)
-    keras.mixed_precision.set_global_policy("float32")
-    optimizer = recipe.PaperSGD()
+def step_timer(net, optimizer, batch):
+    """A callable that runs one training step of `net` and returns (seconds, GFLOP of the step)."""
     x = tf.random.normal((batch, 224, 224, 3), stddev=50.0)
     y = tf.random.uniform((batch,), 0, 1000, tf.int32)
 
@@ -60,31 +90,71 @@ def train_rate(precision, form, batch, steps):
         return loss
 
     step(x, y).numpy()
-    start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        loss = step(x, y)
-    loss.numpy()
-    return batch * steps / (time.perf_counter() - start), batch * steps / (time.process_time() - cpu)
+
+    def once():
+        start = time.perf_counter()
+        step(x, y).numpy()
+        return time.perf_counter() - start, batch * GFLOP_PER_IMAGE
+
+    return once
+
+
+def contestants(precision, forms, batch, baseline):
+    """name -> timer; built under the precision's Keras policy."""
+    dtype = tf.bfloat16 if "bfloat16" in precision else tf.float16 if "float16" in precision else tf.float32
+    timers = {"matmul": matmul_timer(dtype)}
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        if baseline:
+            plain = plain_two_tower()
+            assert plain.count_params() == 60_965_224, plain.count_params()  # The paper's count: same shapes.
+            timers["plain"] = step_timer(plain, keras.optimizers.SGD(recipe.LEARNING_RATE, recipe.MOMENTUM), batch)
+        for form in forms:
+            timers[form] = step_timer(build_alexnet(1000, form=form), recipe.PaperSGD(), batch)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return timers
+
+
+def run_rounds(timers, rounds):
+    """Per contestant: per-round GFLOP/s and the process CPU-seconds each took, every contestant once a round."""
+    rates = {name: [] for name in timers}
+    cpu = dict.fromkeys(timers, 0.0)
+    gflop = dict.fromkeys(timers, 0.0)
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            cpu_start = time.process_time()
+            seconds, work = timer()
+            cpu[name] += time.process_time() - cpu_start
+            gflop[name] += work * (3 if name == "matmul" else 1)
+            rates[name].append(work / seconds)
+    return rates, {name: gflop[name] / cpu[name] for name in timers}
 
 
 def main(argv):
     del argv
     for precision in _PRECISIONS.value:
-        dtype = tf.bfloat16 if "bfloat16" in precision else tf.float16 if "float16" in precision else tf.float32
-        before = matmul_peak(dtype)
-        rates = {form: train_rate(precision, form, _BATCH.value, _STEPS.value) for form in _FORMS.value}
-        after = matmul_peak(dtype)
-        peak, peak_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        timers = contestants(precision, _FORMS.value, _BATCH.value, _BASELINE.value)
+        rates, per_cpu = run_rounds(timers, _ROUNDS.value)
+        peaks = rates.pop("matmul")
         print(
-            f"{precision}: matmul peak {before[0]:.0f} / {after[0]:.0f} GFLOP/s before / after; "
-            f"{peak_cpu:.0f} GFLOP per CPU-second"
+            f"{precision}: matmul roofline {statistics.median(peaks):.0f} GFLOP/s (median of {len(peaks)} rounds, "
+            f"{min(peaks):.0f}-{max(peaks):.0f}); {per_cpu['matmul']:.0f} GFLOP per CPU-second"
         )
-        for form, (rate, per_cpu) in rates.items():
-            achieved = rate * GFLOP_PER_IMAGE
+        fractions = {}
+        for name, achieved in rates.items():
+            fractions[name] = [a / p for a, p in zip(achieved, peaks, strict=True)]
+            median = statistics.median(achieved)
             print(
-                f"  {form}: training {rate:.1f} img/s = {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the "
-                f"roofline; per CPU-second {per_cpu * GFLOP_PER_IMAGE / peak_cpu:.0%} of the matmul's"
+                f"  {name}: {median / GFLOP_PER_IMAGE:.1f} img/s = {median:.0f} GFLOP/s; "
+                f"{statistics.median(fractions[name]):.0%} of the roofline (median of the rounds' fractions, "
+                f"{min(fractions[name]):.0%}-{max(fractions[name]):.0%}); {median / max(peaks):.0%} of the run's "
+                f"best matmul; per CPU-second {per_cpu[name] / per_cpu['matmul']:.0%} of the matmul's"
             )
+        if "plain" in fractions:
+            for name in fractions.keys() - {"plain"}:
+                ratios = [a / b for a, b in zip(fractions[name], fractions["plain"], strict=True)]
+                print(f"  {name} / plain: {statistics.median(ratios):.2f} (median of the rounds' ratios)")
 
 
 if __name__ == "__main__":
