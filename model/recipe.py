@@ -42,19 +42,29 @@ class PaperSGD(keras.optimizers.SGD):
             self.momentums = self.add_optimizer_variables(variables, "momentum")
         self._decayed = [v.path.endswith("kernel") for v in variables]
 
+    def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
+        if tf.distribute.has_strategy():  # The strategy places each replica's copy.
+            return super().add_variable_from_reference(reference_variable, name, initializer)
+        # Without a strategy (towers on two devices) Keras builds the optimizer while tracing the train step, and
+        # the colocation it asks for is lost when the variable is lifted out of the graph; a device scope is kept.
+        # Momentum then lives with its weights, where the fused update reads both.
+        with tf.device(getattr(reference_variable, "value", reference_variable).device):
+            return super().add_variable_from_reference(reference_variable, name, initializer)
+
     def update_step(self, gradient, variable, learning_rate):
         # Looked up by index: under MirroredStrategy `variable` is a replica's tf.Variable, without Keras' path.
         index = self._get_variable_index(variable)
         dtype = variable.dtype
         decay = self.coupled_decay if self._decayed[index] else 0.0
-        _momentum_update(
-            variable.handle,
-            self.momentums[index].value.handle,  # In the strategy's update call: this replica's copy.
-            tf.cast(gradient, dtype),
-            tf.cast(learning_rate, dtype),
-            tf.constant(self.momentum, dtype),
-            tf.constant(decay, dtype),
-        )
+        with tf.device(variable.device):  # A compiled op runs where its variables live (towers on two devices).
+            _momentum_update(
+                variable.handle,
+                self.momentums[index].value.handle,  # In the strategy's update call: this replica's copy.
+                tf.cast(gradient, dtype),
+                tf.cast(learning_rate, dtype),
+                tf.constant(self.momentum, dtype),
+                tf.constant(decay, dtype),
+            )
 
     def get_config(self):
         return {**super().get_config(), "coupled_decay": self.coupled_decay}

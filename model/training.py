@@ -15,15 +15,16 @@ from pipeline import input as data_input
 
 
 def make_strategy(*, cpu_devices=1, mirrored_devices=(), tower_devices=()):
-    """MirroredStrategy over the given devices (default: all GPUs, else all logical CPUs), or one replica for
-    model-parallel towers."""
+    """MirroredStrategy over the given devices (default: all GPUs, else all logical CPUs), or, for model-parallel
+    towers, the default strategy: one replica, the model placing its towers itself. (OneDeviceStrategy would
+    create every variable on its one device, tower b's too: its device scope is innermost.)"""
     if cpu_devices > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
     if tower_devices:
         if len(tower_devices) != 2 or mirrored_devices:
             raise ValueError("--tower_devices takes two devices, and no --mirrored_devices with it")
-        return tf.distribute.OneDeviceStrategy(tower_devices[0])
+        return tf.distribute.get_strategy()
     devices = mirrored_devices or [d.name for d in tf.config.list_logical_devices("GPU")]
     devices = devices or [d.name for d in tf.config.list_logical_devices("CPU")]
     return tf.distribute.MirroredStrategy(devices)

@@ -183,6 +183,21 @@ def test_fast_forms_compute_the_same_function_and_gradients(form):
         np.testing.assert_allclose(fast_grads[path].numpy(), grad.numpy(), rtol=1e-3, atol=1e-6, err_msg=path)
 
 
+def test_towers_on_two_devices_compute_the_same_function_and_gradients():
+    """The placed towers take their own gradients (AlexNet._placed): the same as one device's, eager and compiled."""
+    x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
+    one = build_alexnet(10, input_size=112)
+    placed = build_alexnet(10, input_size=112, tower_devices=TOWER_DEVICES)
+    placed.set_weights(one.get_weights())
+    loss, grads = _loss_and_grads(one, x)
+    for run in (_loss_and_grads, tf.function(_loss_and_grads)):
+        placed_loss, placed_grads = run(placed, x)
+        np.testing.assert_allclose(placed_loss.numpy(), loss.numpy(), rtol=1e-5)
+        assert placed_grads.keys() == grads.keys()
+        for path, grad in grads.items():
+            np.testing.assert_allclose(placed_grads[path].numpy(), grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=path)
+
+
 def test_checkpoints_are_interchangeable_between_forms_and_placements(tmp_path):
     x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
     grouped = build_alexnet(10, input_size=112, form="grouped")

@@ -134,3 +134,30 @@ def test_each_precision_trains_with_float32_weights_and_loss_scaling_for_float16
     assert all(changed), [w.path for w, c in zip(net.trainable_weights, changed, strict=True) if not c]
     if precision == "mixed_float16":
         assert float(optimizer.dynamic_scale) > 0 and optimizer.inner_optimizer.coupled_decay == 0.0005
+
+
+def test_fit_with_towers_on_two_devices_trains_every_weight_where_it_lives():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    stats = {"mean_image": np.full((256, 256, 3), 120.0), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
+    devices = ("/device:CPU:0", "/device:CPU:1")
+    strategy = training.make_strategy(tower_devices=devices)
+    with strategy.scope():
+        classifier, _, net = training.build_classifier(
+            4, stats, image_size=72, crop_size=64, lighting_std=0.1, weight_std=0.02, tower_devices=devices
+        )
+        classifier.compile(
+            optimizer=training.make_optimizer("float32", 0.01, 0.9, 0.0005),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    images = rng.integers(0, 256, (8, 72, 72, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, 8).astype(np.int32)
+    before = [w.numpy().copy() for w in net.trainable_weights]
+    history = classifier.fit(images, labels, batch_size=4, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    changed = [not np.array_equal(b, w.numpy()) for b, w in zip(before, net.trainable_weights, strict=True)]
+    assert all(changed), [w.path for w, c in zip(net.trainable_weights, changed, strict=True) if not c]
+    momentums = classifier.optimizer.momentums
+    for w, momentum in zip(net.trainable_weights, momentums, strict=True):  # Momentum lives with its weights.
+        expected = "CPU:1" if w.path.split("/")[1].endswith("_b") else "CPU:0"
+        assert w.value.device.endswith(expected) and momentum.value.device.endswith(expected), w.path
