@@ -24,7 +24,7 @@ FCS = (("fc6", 2048), ("fc7", 2048))
 # How the same variables are computed (checkpoints are interchangeable): "towers" layer by layer per tower (needed
 # for tower_devices); "fused" and "grouped" on one device with fewer ops (AlexNet._call_fused). "auto": grouped on
 # GPUs (grouped convs are fast there) without tower_devices, else towers: on CPU the towers' independent ops keep
-# both cores busy and measured faster than fused (31.7 vs 25.0 img/s, benchmarks/training_step.py).
+# both cores busy and measured faster than fused (79-80% vs 70-75% of the roofline, benchmarks/training_step.py).
 FORMS = ("auto", "towers", "fused", "grouped")
 
 
