@@ -149,6 +149,7 @@ def train(
         validation_data=val_epoch_ds,
         validation_steps=counts["validation"]["written"] // val_batch,
         callbacks=callbacks,
+        shuffle=False,  # tf.data shuffles (pipeline/input.py); Keras' default True only warns that it cannot.
         verbose=2,  # One line per epoch: readable in logs and CI.
     )
     result = evaluate(preprocess, net, val_ds, crops=eval_crops)
