@@ -13,7 +13,7 @@ def _momentum_update(var, accum, grad, learning_rate, momentum, decay):
     """accum <- momentum accum - lr (grad + decay var); var <- var + accum, on resource handles in one XLA loop.
 
     As separate ops (Keras' SGD) it is ~7 passes over memory; fused it reads grad, var and accum once and writes
-    var and accum once: ~2x faster on the ~61M parameters, ~2% of a CPU training step.
+    var and accum once: 37 vs 78 ms on fc6's 37.7M weights, ~65 ms (~1.5%) of a CPU training step.
     """
     w = tf.raw_ops.ReadVariableOp(resource=var, dtype=grad.dtype)
     v = momentum * tf.raw_ops.ReadVariableOp(resource=accum, dtype=grad.dtype) - learning_rate * (grad + decay * w)

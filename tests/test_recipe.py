@@ -26,6 +26,11 @@ def test_paper_sgd_is_the_papers_update_rule(momentum):
     np.testing.assert_allclose(layer.bias.numpy(), b1 + v_b, rtol=1e-6, atol=1e-7)
 
 
+def test_paper_sgd_refuses_nesterov():
+    with pytest.raises(ValueError, match="nesterov=True is not supported"):
+        recipe.PaperSGD(nesterov=True)
+
+
 def test_paper_sgd_updates_every_mirrored_replica_with_the_summed_gradient():
     """The fused update writes each replica's own copy of the weights and momentum (a wrong handle would leave
     one copy behind and the replicas would drift apart)."""
