@@ -1,20 +1,20 @@
 r"""The training step as a fraction of this machine's matmul roofline, measured in the same run.
 
     python benchmarks/training_step.py [--batch_size=128] [--rounds=7] [--precisions=float32,mixed_bfloat16]
-                                       [--forms=towers,fused] [--baseline]
+                                       [--baseline]
 
 A training image costs ~4.35 GFLOP (3 x the 1.45 GFLOP forward pass at 224x224). The roofline is tf.matmul's
 rate in the same dtype (4096 x 4096, best of 3). The machine is shared (CPU steal up to 100%, speeds swing 2x
-between minutes), so every contestant runs once per round, in turn: the matmul, the plain baseline, then each
-form, and each round gives each a fraction of that round's roofline. The report is the median over rounds (and
+between minutes), so every contestant runs once per round, in turn: the matmul, the plain baseline, then the
+paper's model, and each round gives each a fraction of that round's roofline. The report is the median over rounds (and
 the range). Two more figures: the median rate over the best matmul of the whole run (the most pessimistic: a
 median against a maximum), and the fraction in GFLOP per CPU-second of the process (does not move with steal, but
 counts TensorFlow's spinning threads).
 
-The model is the paper's: 1000 classes, its init, LRN, dropout and the §5 update rule with weight decay, in each
-of --forms (model.alexnet.FORMS). --baseline adds the model the issue compares with: the same two towers as plain
-Keras layers, without LRN, with Keras' default init and SGD with momentum, without weight decay. "towers / plain"
-is how much the real model costs over it (1.00: nothing).
+The model is the paper's: 1000 classes, its init, LRN, dropout and the §5 update rule with weight decay.
+--baseline adds a plain reference: the same two towers as plain Keras layers, without LRN, with Keras' default
+init and SGD with momentum, without weight decay. "alexnet / plain" is how much the real model costs over it
+(1.00: nothing).
 """
 
 import statistics
@@ -32,7 +32,6 @@ MATMUL_N = 4096
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per step.")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed rounds after warm-up; each times every contestant once.")
 _PRECISIONS = flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16"], "Keras dtype policies to time.")
-_FORMS = flags.DEFINE_list("forms", ["towers", "fused"], "Model forms to time (grouped is for GPUs).")
 _BASELINE = flags.DEFINE_bool("baseline", True, "Also time the plain two-tower Keras model.")
 
 
@@ -99,7 +98,7 @@ def step_timer(net, optimizer, batch):
     return once
 
 
-def contestants(precision, forms, batch, baseline):
+def contestants(precision, batch, baseline):
     """name -> timer; built under the precision's Keras policy."""
     dtype = tf.bfloat16 if "bfloat16" in precision else tf.float16 if "float16" in precision else tf.float32
     timers = {"matmul": matmul_timer(dtype)}
@@ -109,8 +108,7 @@ def contestants(precision, forms, batch, baseline):
             plain = plain_two_tower()
             assert plain.count_params() == 60_965_224, plain.count_params()  # The paper's count: same shapes.
             timers["plain"] = step_timer(plain, keras.optimizers.SGD(recipe.LEARNING_RATE, recipe.MOMENTUM), batch)
-        for form in forms:
-            timers[form] = step_timer(build_alexnet(1000, form=form), recipe.PaperSGD(), batch)
+        timers["alexnet"] = step_timer(build_alexnet(1000), recipe.PaperSGD(), batch)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     return timers
@@ -134,7 +132,7 @@ def run_rounds(timers, rounds):
 def main(argv):
     del argv
     for precision in _PRECISIONS.value:
-        timers = contestants(precision, _FORMS.value, _BATCH.value, _BASELINE.value)
+        timers = contestants(precision, _BATCH.value, _BASELINE.value)
         rates, per_cpu = run_rounds(timers, _ROUNDS.value)
         peaks = rates.pop("matmul")
         print(

@@ -1,7 +1,9 @@
 """On-device preprocessing (§2, §4.1): uint8 batches in, mean-subtracted float crops out.
 
 Training: subtract the mean image, add PCA lighting, take a random crop and mirror it at random, each drawn per
-image. Inference: the central crop, or the ten crops of §4.1 (`ten_crops`).
+image. Inference: the central crop, or the ten crops of §4.1 (`ten_crops`). Random draws are stateless functions
+of a seed (shape [2]) that the training loop derives from the run's seed, the step and the replica, so each
+replica draws its own and a resumed run draws what the uninterrupted one would have.
 """
 
 import keras
@@ -12,6 +14,13 @@ CROP_SIZE = 224
 LIGHTING_STD = 0.1  # §4.1: alpha_i ~ N(0, 0.1).
 
 
+def split_seed(seed, n):
+    """n independent stateless seeds from one; from a fresh random draw when seed is None."""
+    if seed is None:
+        seed = tf.random.uniform([2], maxval=tf.int32.max, dtype=tf.int32)
+    return tf.unstack(tf.random.experimental.stateless_split(seed, n))
+
+
 def crop_and_flip(images, top, left, flip, size):
     """Per-image crops images[b, top[b]:top[b]+size, left[b]:left[b]+size], mirrored where flip[b]."""
     rows = top[:, None] + tf.range(size)[None, :]
@@ -20,12 +29,13 @@ def crop_and_flip(images, top, left, flip, size):
     return tf.gather(tf.gather(images, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
 
 
-def random_crop_and_flip(images, size):
+def random_crop_and_flip(images, size, seed):
     """§4.1: a random size x size patch (all S - size + 1 offsets per axis) and its mirror image at random."""
     batch, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
-    top = tf.random.uniform([batch], 0, height - size + 1, dtype=tf.int32)
-    left = tf.random.uniform([batch], 0, width - size + 1, dtype=tf.int32)
-    flip = tf.random.uniform([batch]) < 0.5
+    top_seed, left_seed, flip_seed = split_seed(seed, 3)
+    top = tf.random.stateless_uniform([batch], top_seed, 0, height - size + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([batch], left_seed, 0, width - size + 1, dtype=tf.int32)
+    flip = tf.random.stateless_uniform([batch], flip_seed) < 0.5
     return crop_and_flip(images, top, left, flip, size)
 
 
@@ -38,13 +48,14 @@ def ten_crops(images, size):
     return crops + [tf.reverse(c, axis=[2]) for c in crops]
 
 
-def lighting_offsets(batch, eigenvalues, eigenvectors, std):
+def lighting_offsets(batch, eigenvalues, eigenvectors, std, seed):
     """§4.1: per image, [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T with a_i ~ N(0, std), eigenvectors as columns.
 
     l_i = sqrt(eigenvalue_i) of the 0..255 covariance, as Krizhevsky's cuda-convnet2 does: alpha then scales the
-    standard deviation along each principal component (PAPER.md explains why the eigenvalue itself is absurd).
+    standard deviation along each principal component. (The eigenvalue itself, a variance, is in squared pixel
+    units: it cannot be added to pixels.)
     """
-    alphas = tf.random.normal([batch, 3], stddev=std)
+    alphas = tf.random.stateless_normal([batch, 3], seed, stddev=std)
     return tf.linalg.matvec(eigenvectors, alphas * tf.sqrt(tf.maximum(eigenvalues, 0.0)))
 
 
@@ -73,14 +84,16 @@ class Preprocess(keras.layers.Layer):
         """§2: subtract the mean image (the only preprocessing besides the crop)."""
         return tf.cast(images, tf.float32) - self.mean_image
 
-    def call(self, images, training=False):
+    def call(self, images, training=False, seed=None):
         x = self.normalize(images)
         if not training:
             offset = (self.image_size - self.crop_size) // 2
             return x[:, offset : offset + self.crop_size, offset : offset + self.crop_size]
+        lighting_seed, crop_seed = split_seed(seed, 2)
         if self.lighting_std:
-            x += lighting_offsets(tf.shape(x)[0], self.eigenvalues, self.eigenvectors, self.lighting_std)[:, None, None]
-        return random_crop_and_flip(x, self.crop_size)
+            pca = (self.eigenvalues, self.eigenvectors, self.lighting_std)
+            x += lighting_offsets(tf.shape(x)[0], *pca, lighting_seed)[:, None, None]
+        return random_crop_and_flip(x, self.crop_size, crop_seed)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.crop_size, self.crop_size, 3)

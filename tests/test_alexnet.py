@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import LocalResponseNorm, alexnet, build_alexnet
+from model import LocalResponseNorm, alexnet, build_alexnet, lrn
+from tests.helpers import TWO_DEVICES
 
-TOWER_DEVICES = ("/device:CPU:0", "/device:CPU:1")
-TOWER_LAYER = re.compile(r"(conv[1-5]|fc[67]|lrn[12])_([ab])(_\d+)?")
+TOWER_LAYER = re.compile(r"(conv[1-5]|fc[67]|lrn[12]|pool[125]|dropout[67])_([ab])(_\d+)?")
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,16 @@ def test_kernel_shapes_give_the_papers_tower_connectivity(paper_net):
     assert shapes["fc8/kernel"] == (4096, 1000)
 
 
+def test_variables_keep_their_names_and_order(paper_net):
+    """Checkpoints and optimizer slots follow these: conv1_a, conv1_b, ..., fc7_b, fc8, kernel before bias."""
+    layers = [f"{name}_{t}" for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7") for t in "ab"]
+    expected = [f"alexnet/{layer}/{v}" for layer in [*layers, "fc8"] for v in ("kernel", "bias")]
+    assert [w.path for w in paper_net.weights] == expected
+
+
 def test_conv1_gives_55x55_and_the_model_1000_logits(paper_net):
     x = tf.random.normal((1, 224, 224, 3))
-    assert paper_net.convs["conv1"][0](tf.pad(x, alexnet.CONV1_PAD)).shape == (1, 55, 55, 48)
+    assert paper_net.conv1_a(tf.pad(x, alexnet.CONV1_PAD)).shape == (1, 55, 55, 48)
     assert paper_net(x).shape == (1, 1000)
 
 
@@ -85,45 +92,71 @@ def test_lrn_runs_in_float32_under_bfloat16():
     assert layer(tf.ones((1, 2, 2, 8), tf.bfloat16)).dtype == tf.float32
 
 
+def test_lrn_gradient_is_the_formulas():
+    """The custom gradient against TensorFlow's own LRNGrad kernel and against finite differences of §3.3."""
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0, 300, size=(1, 2, 2, 48))
+    g = rng.normal(size=a.shape)
+    x = tf.constant(a, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = lrn.local_response_normalization(x)
+    got = tape.gradient(y, x, output_gradients=tf.constant(g, tf.float32)).numpy()
+    tf_grad = tf.raw_ops.LRNGrad(input_grads=tf.constant(g, tf.float32), input_image=x, output_image=y, **lrn.LRN)
+    np.testing.assert_allclose(got, tf_grad.numpy(), rtol=1e-4, atol=1e-7)
+    eps, numeric = 1e-3, np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        step = np.zeros_like(a)
+        step[i] = eps
+        numeric[i] = ((_paper_lrn(a + step) - _paper_lrn(a - step)) * g).sum() / (2 * eps)
+    np.testing.assert_allclose(got, numeric, rtol=1e-3, atol=1e-6)
+
+
 def test_towers_variables_live_on_their_devices():
-    net = build_alexnet(10, input_size=112, tower_devices=TOWER_DEVICES)
+    net = build_alexnet(10, input_size=112, tower_devices=TWO_DEVICES)
     for w in net.weights:
         tower = w.path.split("/")[1].split("_")[-1]
-        expected = TOWER_DEVICES[1] if tower == "b" else TOWER_DEVICES[0]  # fc8 sits with tower a.
+        expected = TWO_DEVICES[1] if tower == "b" else TWO_DEVICES[0]  # fc8 sits with tower a.
         assert w.value.device.endswith(expected[len("/device:") :]), (w.path, w.value.device)
 
 
 def test_towers_ops_run_on_their_devices_forward_and_backward():
-    net = build_alexnet(10, input_size=112, tower_devices=TOWER_DEVICES)
+    net = build_alexnet(10, input_size=112, tower_devices=TWO_DEVICES)
 
     def step(x):
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(net(x, training=True))
+            loss = tf.reduce_sum(net(x, training=True, seed=tf.constant([1, 2])))
         return tape.gradient(loss, net.trainable_variables)
 
     graph = tf.function(step).get_concrete_function(tf.TensorSpec((2, 112, 112, 3))).graph
     placed = {(t, d): set() for t in "ab" for d in ("forward", "backward")}
+    layers = set()
     for op in graph.get_operations():
         if op.type in ("Placeholder", "ReadVariableOp"):
             continue  # Variable reads run where the variable lives (previous test).
         for part in op.name.split("/"):
             layer = TOWER_LAYER.fullmatch(part)  # Keras may suffix a scope: conv1_a_1.
             if layer:
+                layers.add(layer.group(1))
                 placed[layer.group(2), "backward" if op.name.startswith("gradient") else "forward"].add(op.device)
-    # GradientTape places no gradient op by itself: without AlexNet._placed all of this was the default device.
+    assert layers == {f"conv{i}" for i in range(1, 6)} | {"fc6", "fc7", "lrn1", "lrn2", "pool1", "pool2", "pool5"} | {
+        "dropout6",
+        "dropout7",
+    }
+    # GradientTape places no gradient op by itself: without model/placement.py all of this was the default device.
     for direction in ("forward", "backward"):
-        assert placed["a", direction] == {TOWER_DEVICES[0]}, direction
-        assert placed["b", direction] == {TOWER_DEVICES[1]}, direction
+        assert placed["a", direction] == {TWO_DEVICES[0]}, direction
+        assert placed["b", direction] == {TWO_DEVICES[1]}, direction
 
 
 def test_same_weights_same_outputs_on_one_device_two_towers_and_mirrored_replicas():
     x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
     single = build_alexnet(10, input_size=112)
-    towers = build_alexnet(10, input_size=112, tower_devices=TOWER_DEVICES)
+    towers = build_alexnet(10, input_size=112, tower_devices=TWO_DEVICES)
     towers.set_weights(single.get_weights())
     expected = single(x).numpy()
     np.testing.assert_allclose(towers(x).numpy(), expected, rtol=1e-4, atol=1e-6)
-    strategy = tf.distribute.MirroredStrategy(list(TOWER_DEVICES))
+    strategy = tf.distribute.MirroredStrategy(list(TWO_DEVICES))
     with strategy.scope():
         mirrored = build_alexnet(10, input_size=112)
     mirrored.set_weights(single.get_weights())
@@ -133,33 +166,26 @@ def test_same_weights_same_outputs_on_one_device_two_towers_and_mirrored_replica
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_dropout_only_in_training():
+def test_dropout_only_in_training_and_drawn_from_the_seed():
     net = build_alexnet(10, input_size=112)
     x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
     np.testing.assert_array_equal(net(x).numpy(), net(x).numpy())
+    seed = tf.constant([3, 4])
+    first = net(x, training=True, seed=seed).numpy()
+    np.testing.assert_array_equal(net(x, training=True, seed=seed).numpy(), first)
+    assert not np.array_equal(net(x, training=True, seed=tf.constant([3, 5])).numpy(), first)
     assert not np.array_equal(net(x, training=True).numpy(), net(x, training=True).numpy())
 
 
-def test_lrn_gradient_is_the_formulas():
-    """The custom gradient against TensorFlow's own LRNGrad kernel and against finite differences of §3.3."""
-    rng = np.random.default_rng(1)
-    a = rng.uniform(0, 300, size=(1, 2, 2, 48))
-    g = rng.normal(size=a.shape)
-    x = tf.constant(a, tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = alexnet.local_response_normalization(x)
-    got = tape.gradient(y, x, output_gradients=tf.constant(g, tf.float32)).numpy()
-    tf_grad = tf.raw_ops.LRNGrad(
-        input_grads=tf.constant(g, tf.float32), input_image=x, output_image=y, **alexnet.LRN
-    ).numpy()
-    np.testing.assert_allclose(got, tf_grad, rtol=1e-4, atol=1e-7)
-    eps, numeric = 1e-3, np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        step = np.zeros_like(a)
-        step[i] = eps
-        numeric[i] = ((_paper_lrn(a + step) - _paper_lrn(a - step)) * g).sum() / (2 * eps)
-    np.testing.assert_allclose(got, numeric, rtol=1e-3, atol=1e-6)
+def test_each_dropout_layer_draws_its_own_mask():
+    masks = [
+        getattr(alexnet.AlexNet(10), f"dropout{i}_{t}")(tf.ones((4, 64)), training=True, seed=tf.constant([1, 1]))
+        for i in (6, 7)
+        for t in "ab"
+    ]
+    assert {m.numpy().tobytes() for m in masks}.__len__() == 4
+    for m in masks:  # §4.2: each unit zeroed with probability 0.5, the rest doubled.
+        assert set(np.unique(m.numpy())) <= {0.0, 2.0} and 0.3 < (m.numpy() == 0).mean() < 0.7
 
 
 def _loss_and_grads(net, x):
@@ -169,25 +195,12 @@ def _loss_and_grads(net, x):
     return loss, {w.path: g for w, g in zip(net.trainable_weights, grads, strict=True)}
 
 
-@pytest.mark.parametrize("form", ["fused", "grouped"])
-def test_fast_forms_compute_the_same_function_and_gradients(form):
-    x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
-    towers = build_alexnet(10, input_size=112, form="towers")
-    fast = build_alexnet(10, input_size=112, form=form)
-    fast.set_weights(towers.get_weights())
-    loss, grads = _loss_and_grads(towers, x)
-    fast_loss, fast_grads = _loss_and_grads(fast, x)
-    np.testing.assert_allclose(fast_loss.numpy(), loss.numpy(), rtol=1e-4)
-    assert fast_grads.keys() == grads.keys()
-    for path, grad in grads.items():
-        np.testing.assert_allclose(fast_grads[path].numpy(), grad.numpy(), rtol=1e-3, atol=1e-6, err_msg=path)
-
-
 def test_towers_on_two_devices_compute_the_same_function_and_gradients():
-    """The placed towers take their own gradients (AlexNet._placed): the same as one device's, eager and compiled."""
+    """The placed towers take their own gradients (model/placement.py): the same as one device's, eager and
+    compiled."""
     x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
     one = build_alexnet(10, input_size=112)
-    placed = build_alexnet(10, input_size=112, tower_devices=TOWER_DEVICES)
+    placed = build_alexnet(10, input_size=112, tower_devices=TWO_DEVICES)
     placed.set_weights(one.get_weights())
     loss, grads = _loss_and_grads(one, x)
     for run in (_loss_and_grads, tf.function(_loss_and_grads)):
@@ -198,45 +211,18 @@ def test_towers_on_two_devices_compute_the_same_function_and_gradients():
             np.testing.assert_allclose(placed_grads[path].numpy(), grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=path)
 
 
-def test_checkpoints_are_interchangeable_between_forms_and_placements(tmp_path):
-    x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
-    grouped = build_alexnet(10, input_size=112, form="grouped")
-    grouped.save_weights(tmp_path / "grouped.weights.h5")
-    towers = build_alexnet(10, input_size=112, tower_devices=TOWER_DEVICES)
-    towers.load_weights(tmp_path / "grouped.weights.h5")
-    np.testing.assert_allclose(towers(x).numpy(), grouped(x).numpy(), rtol=1e-4, atol=1e-6)
-    towers.save_weights(tmp_path / "towers.weights.h5")
-    fused = build_alexnet(10, input_size=112, form="fused")
-    fused.load_weights(tmp_path / "towers.weights.h5")
-    np.testing.assert_allclose(fused(x).numpy(), grouped(x).numpy(), rtol=1e-4, atol=1e-6)
-
-
-def test_form_choice_and_its_errors():
-    assert build_alexnet(10, input_size=64).form == "towers"  # No GPU: the fastest form on CPU.
-    assert build_alexnet(10, input_size=64, tower_devices=TOWER_DEVICES).form == "towers"
-    with pytest.raises(ValueError, match="tower_devices need form='towers'"):
-        alexnet.AlexNet(10, form="grouped", tower_devices=TOWER_DEVICES)
-    with pytest.raises(ValueError, match="expected one of"):
-        alexnet.AlexNet(10, form="fast")
-
-
-@pytest.mark.parametrize("form", ["towers", "fused", "grouped"])
 @pytest.mark.parametrize("precision, dtype", [("mixed_bfloat16", tf.bfloat16), ("mixed_float16", tf.float16)])
-def test_mixed_precision_computes_in_half_keeps_float32_variables_lrn_and_logits(form, precision, dtype):
+def test_mixed_precision_computes_in_half_keeps_float32_variables_lrn_and_logits(precision, dtype):
     keras.mixed_precision.set_global_policy(precision)
     try:
-        if form == "grouped" and precision == "mixed_float16":  # No GPU here; TF has no CPU gradient for it.
-            with pytest.raises(ValueError, match="use form='fused'"):
-                build_alexnet(10, input_size=112, form=form)
-            return
-        net = build_alexnet(10, input_size=112, form=form)
+        net = build_alexnet(10, input_size=112)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    reference = build_alexnet(10, input_size=112, form="towers")
+    reference = build_alexnet(10, input_size=112)
     reference.set_weights(net.get_weights())
     assert {w.dtype for w in net.weights} == {"float32"}
-    assert net.convs["conv2"][0].compute_dtype == net.fcs["fc6"][1].compute_dtype == dtype.name
-    assert {layer.compute_dtype for layer in net.lrn} == {"float32"} and net.fc8.compute_dtype == "float32"
+    assert net.conv2_a.compute_dtype == net.fc6_b.compute_dtype == dtype.name
+    assert {net.lrn1_a.compute_dtype, net.lrn2_b.compute_dtype, net.fc8.compute_dtype} == {"float32"}
     x = tf.random.normal((2, 112, 112, 3), stddev=50.0)
     graph = tf.function(lambda x: net(x)).get_concrete_function(tf.TensorSpec(x.shape)).graph
     convs = [op for op in graph.get_operations() if op.type == "Conv2D"]
@@ -247,3 +233,10 @@ def test_mixed_precision_computes_in_half_keeps_float32_variables_lrn_and_logits
     np.testing.assert_allclose(logits.numpy(), reference(x).numpy(), rtol=0.1, atol=0.05)
     _, grads = _loss_and_grads(net, x)
     assert all(g.dtype == tf.float32 and np.isfinite(g.numpy()).all() for g in grads.values())
+
+
+def test_config_round_trip():
+    net = alexnet.AlexNet(7, dropout=0.25, weight_std=0.02, tower_devices=TWO_DEVICES)
+    clone = alexnet.AlexNet.from_config(net.get_config())
+    assert (clone.num_classes, clone.dropout_rate, clone.weight_std) == (7, 0.25, 0.02)
+    assert clone.tower_devices == TWO_DEVICES

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from pipeline import images
-from tests.conftest import photos_dir
+from tests.helpers import photos_dir
 
 
 def _photo(width=400, height=300, seed=0):

@@ -1,0 +1,34 @@
+"""The network as training, evaluation and serving see it: uint8 images in, logits out."""
+
+import keras
+import tensorflow as tf
+
+from model import augment
+from model.alexnet import build_alexnet
+
+
+class Classifier(keras.Model):
+    """uint8 (B, S, S, 3) -> logits: on-device preprocessing (§2, §4.1), then the AlexNet (§3)."""
+
+    def __init__(self, preprocess, net, **kwargs):
+        super().__init__(**kwargs)
+        self.preprocess, self.net = preprocess, net
+
+    def call(self, images, training=False, seed=None):
+        preprocess_seed, net_seed = augment.split_seed(seed, 2) if training else (None, None)
+        x = self.preprocess(images, training=training, seed=preprocess_seed)
+        return self.net(x, training=training, seed=net_seed)
+
+
+def build_classifier(num_classes, stats, *, image_size, crop_size, lighting_std, precision="float32", **net_kwargs):
+    """The Classifier with its statistics set; `precision` is a Keras dtype policy for the AlexNet."""
+    preprocess = augment.Preprocess(image_size, crop_size, lighting_std, name="preprocess")
+    preprocess.set_statistics(stats["mean_image"], stats["eigenvalues"], stats["eigenvectors"])
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        net = build_alexnet(num_classes, input_size=crop_size, **net_kwargs)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model = Classifier(preprocess, net, name="classifier")
+    model(tf.zeros((1, image_size, image_size, 3), tf.uint8))
+    return model

@@ -1,0 +1,92 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWO_DEVICES = ("/device:CPU:0", "/device:CPU:1")
+PHOTOS = os.path.join(ROOT, "..", "shared", "data", "photos")
+TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 2
+
+
+def photos_dir():
+    """../shared/data/photos, or a skip when this checkout has no shared folder beside it."""
+    if not os.path.isdir(PHOTOS):
+        pytest.skip("../shared/data/photos is absent")
+    return PHOTOS
+
+
+def run_conversion(input_dir, output_dir, **overrides):
+    """The Beam job in-process on the DirectRunner (one worker: fast to start in tests)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline import sources, transforms
+
+    kwargs = dict(
+        input_dir=input_dir,
+        output_dir=output_dir,
+        num_shards={"train": 4, "validation": 2},
+        seed=0,
+        val_labels_file=sources.resolve_val_labels(input_dir),
+        convert_kwargs={},
+    )
+    kwargs.update(overrides)
+    with beam.Pipeline(options=PipelineOptions(direct_num_workers=1)) as p:
+        _ = p | transforms.ConvertImageNet(**kwargs)
+    return output_dir
+
+
+def run(*args, cwd=ROOT, env=None, timeout=600):
+    """A command as users type it, `python ARGS...`, from the project root."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def eager_compiled_and_in_data(fn, *args):
+    """fn(*args) eagerly, checked equal to the same call inside tf.function and inside a tf.data map
+    (big_vision's way of testing preprocessing ops); returns the eager result as NumPy."""
+    eager = tf.nest.map_structure(np.asarray, fn(*args))
+    compiled = tf.nest.map_structure(np.asarray, tf.function(fn)(*args))
+    data = tf.data.Dataset.from_tensors(tuple(args)).map(lambda *a: fn(*a))
+    in_data = tf.nest.map_structure(np.asarray, next(iter(data)))
+    for other in (compiled, in_data):  # Exact for integers; float ops may be fused differently when compiled.
+        check = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)  # noqa: E731
+        tf.nest.map_structure(check, eager, other, check_types=False)
+    return eager
+
+
+def free_ports(n):
+    """n TCP ports free on loopback right now."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start(*args, env=None):
+    """A command as users type it, started in the background; its output goes to a temporary file."""
+    import tempfile
+
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (read by output(), after the process ends)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process.log = log
+    return process
+
+
+def output(process, timeout=600):
+    """Waits for a started command; returns (exit status, everything it printed)."""
+    process.wait(timeout=timeout)
+    process.log.seek(0)
+    return process.returncode, process.log.read()
