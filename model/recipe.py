@@ -1,11 +1,94 @@
-"""The paper's training recipe (§5) in Keras terms: the update rule and the error metrics it reports (§6)."""
+"""The paper's training recipe (§4-§5): the run's settings, the update rule, the learning-rate schedule."""
+
+import dataclasses
+import math
 
 import keras
 import tensorflow as tf
 
-LEARNING_RATE = 0.01
-MOMENTUM = 0.9
-WEIGHT_DECAY = 0.0005
+STRATEGIES = ("mirrored", "towers", "multi_worker")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a training run depends on. The defaults are the paper's (§4-§5), the one place they live:
+    train.py's flags default from them."""
+
+    data_dir: str = ""
+    model_dir: str = ""
+    # §5: SGD on batches of 128, momentum 0.9, weight decay 0.0005 inside the update, lr 0.01 divided by 10 when
+    # the validation error stops improving (three times), ~90 epochs; weights N(0, 0.01).
+    epochs: int = 90
+    batch_size: int = 128
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    lr_drops: int = 3
+    lr_patience: int = 5  # §5 does not say how long "stopped improving" is: epochs without a new best.
+    warmup_steps: int = 0  # Not in the paper: a short run with few classes needs it (README).
+    weight_std: float = 0.01
+    dropout: float = 0.5  # §4.2, on fc6 and fc7.
+    # §4.1: random 224 crops of the 256 images, mirrored at random, PCA lighting; tested on ten patches.
+    image_size: int = 256
+    crop_size: int = 224
+    lighting_std: float = 0.1
+    eval_crops: int = 10
+    # How the run is carried out.
+    precision: str = "float32"
+    seed: int = 0
+    strategy: str = "mirrored"
+    mirrored_devices: tuple[str, ...] = ()
+    tower_devices: tuple[str, ...] = ()
+    deterministic: bool = True
+    data_service: str = ""
+    log_every_steps: int = 100
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 10.0
+    keep_checkpoints: int = 3
+    profile_steps: tuple[int, ...] = ()
+
+    # What a resumed run may change: how it is watched and kept, and how long it goes on.
+    RESUMABLE_CHANGES = (
+        "data_dir",
+        "model_dir",
+        "epochs",
+        "mirrored_devices",
+        "tower_devices",
+        "data_service",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "checkpoint_every_minutes",
+        "keep_checkpoints",
+        "profile_steps",
+    )
+
+    def to_json(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def learning_rate(config, step, drops):
+    """§5's rate after `drops` divisions by 10, ramped up linearly over the first warmup_steps steps."""
+    warmup = min(1.0, (step + 1) / (config.warmup_steps + 1)) if config.warmup_steps else 1.0
+    return config.learning_rate * 0.1**drops * warmup
+
+
+@dataclasses.dataclass(frozen=True)
+class Plateau:
+    """§5's schedule state: the best validation top-1 error so far, epochs since it, divisions done."""
+
+    best: float = math.inf
+    wait: int = 0
+    drops: int = 0
+
+    def update(self, error, patience, max_drops):
+        """After an epoch's validation: a new best resets the wait; `patience` epochs without one divide the
+        rate by 10 (at most max_drops times) and start the wait again."""
+        if error < self.best:
+            return Plateau(error, 0, self.drops)
+        if self.wait + 1 >= patience and self.drops < max_drops:
+            return Plateau(self.best, 0, self.drops + 1)
+        return Plateau(self.best, self.wait + 1, self.drops)
 
 
 @tf.function(jit_compile=True)
@@ -13,7 +96,7 @@ def _momentum_update(var, accum, grad, learning_rate, momentum, decay):
     """accum <- momentum accum - lr (grad + decay var); var <- var + accum, on resource handles in one XLA loop.
 
     As separate ops (Keras' SGD) it is ~7 passes over memory; fused it reads grad, var and accum once and writes
-    var and accum once: 37 vs 78 ms on fc6's 37.7M weights, ~65 ms (~1.5%) of a CPU training step.
+    var and accum once (README, "Recipe").
     """
     w = tf.raw_ops.ReadVariableOp(resource=var, dtype=grad.dtype)
     v = momentum * tf.raw_ops.ReadVariableOp(resource=accum, dtype=grad.dtype) - learning_rate * (grad + decay * w)
@@ -25,12 +108,15 @@ class PaperSGD(keras.optimizers.SGD):
     """§5: v <- 0.9 v - 0.0005 lr w - lr dL/dw; w <- w + v, the decay on weights (kernels), not biases.
 
     The decay enters the gradient before the momentum, as in the paper. Keras' SGD(weight_decay=...) is applied
-    outside the momentum (decoupled), and an L2 kernel regularizer costs ~30% of a CPU step here; this costs nothing.
+    outside the momentum (decoupled); an L2 kernel regularizer gives this rule at the cost of a pass over every
+    weight in the loss.
     The update is one fused op per variable (_momentum_update) on the TensorFlow variables Keras hands to
     update_step (under MirroredStrategy: each replica's copy, inside the strategy's update call).
     """
 
-    def __init__(self, learning_rate=LEARNING_RATE, momentum=MOMENTUM, coupled_decay=WEIGHT_DECAY, **kwargs):
+    def __init__(
+        self, learning_rate=Config.learning_rate, momentum=Config.momentum, coupled_decay=Config.weight_decay, **kwargs
+    ):
         if kwargs.get("nesterov"):
             raise ValueError("PaperSGD is the paper's plain momentum (§5): nesterov=True is not supported.")
         super().__init__(learning_rate=learning_rate, momentum=momentum, **kwargs)
@@ -68,47 +154,3 @@ class PaperSGD(keras.optimizers.SGD):
 
     def get_config(self):
         return {**super().get_config(), "coupled_decay": self.coupled_decay}
-
-
-class LinearWarmup(keras.callbacks.Callback):
-    """Ramps the learning rate linearly up to its value over the first `steps` steps. Not in the paper (steps=0
-    there): a short run with few classes needs it to survive the first steps at a useful rate (README)."""
-
-    def __init__(self, steps):
-        super().__init__()
-        self.steps = steps
-
-    def on_train_begin(self, logs=None):
-        self.target = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        self.step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.step <= self.steps:
-            self.model.optimizer.learning_rate = self.target * min(1.0, (self.step + 1) / (self.steps + 1))
-        self.step += 1
-
-
-class TopKError(keras.metrics.Mean):
-    """Top-k error (§6 reports errors): the fraction of images whose label is not among the k largest logits.
-
-    A mean of misses, declared 'down' so that callbacks in mode "auto" (plateau, best checkpoint) minimize it;
-    1 - SparseTopKCategoricalAccuracy would inherit the accuracy's 'up'.
-    """
-
-    def __init__(self, k=5, name=None, **kwargs):
-        super().__init__(name=name or f"top{k}_error", **kwargs)
-        self.k = k
-        self._direction = "down"  # Callbacks in mode "auto" (plateau, best checkpoint) minimize it.
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        labels = keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,))
-        logits = keras.ops.reshape(keras.ops.cast(y_pred, "float32"), (keras.ops.shape(labels)[0], -1))
-        missed = 1.0 - keras.ops.cast(keras.ops.in_top_k(labels, logits, self.k), "float32")
-        return super().update_state(missed, sample_weight=sample_weight)
-
-    def get_config(self):
-        return {**super().get_config(), "k": self.k}
-
-
-def metrics():
-    return [TopKError(k=1), TopKError(k=5)]

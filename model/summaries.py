@@ -1,10 +1,20 @@
-"""TensorBoard beyond Keras' own callback: throughput and learning rate per step, sample inputs, conv1 filters."""
+"""What a run shows: TensorBoard summaries and the console's progress lines.
 
+TensorBoard (under model_dir): `train/` every log interval (loss, top-1/top-5 error, learning rate, images/s,
+step time) and every epoch (its errors, weight histograms, gradient norms per layer, conv1's kernels as in
+Figure 3, a grid of augmented inputs); `validation/` every epoch; `eval/` the final evaluation. Every point is
+indexed by the global step.
+"""
+
+import datetime
 import os
 import time
 
-import keras
+import numpy as np
 import tensorflow as tf
+from tensorflow.core.util import event_pb2
+
+SPLITS = ("train", "validation", "eval")
 
 
 def to_displayable(images):
@@ -14,47 +24,127 @@ def to_displayable(images):
     return (images - low) / tf.maximum(high - low, 1e-8)
 
 
-def filter_grid(kernels, columns=16):
-    """Figure 3: conv1 kernels (k, k, 3, n), each scaled to [0, 1], tiled in rows of `columns` with 1px gaps."""
-    k, n = kernels.shape[0], kernels.shape[-1]
-    x = tf.pad(to_displayable(tf.transpose(kernels, [3, 0, 1, 2])), [[0, 0], [0, 1], [0, 1], [0, 0]])
+def grid(images, columns, gap=1):
+    """Images (n, h, w, c), each already in [0, 1], tiled in rows of `columns` with `gap` px between: (1, H, W, c)."""
+    n, h, w = images.shape[0], images.shape[1], images.shape[2]
+    x = tf.pad(images, [[0, 0], [0, gap], [0, gap], [0, 0]])
     rows = -(-n // columns)
     x = tf.pad(x, [[0, rows * columns - n], [0, 0], [0, 0], [0, 0]])
-    x = tf.reshape(x, [rows, columns, k + 1, k + 1, 3])
-    return tf.reshape(tf.transpose(x, [0, 2, 1, 3, 4]), [1, rows * (k + 1), columns * (k + 1), 3])
+    x = tf.reshape(x, [rows, columns, h + gap, w + gap, images.shape[-1]])
+    return tf.reshape(tf.transpose(x, [0, 2, 1, 3, 4]), [1, rows * (h + gap), columns * (w + gap), -1])
 
 
-class Summaries(keras.callbacks.Callback):
-    """Writes to <logdir>/train: images/s and learning rate every `every` steps; augmented sample inputs at the
-    start; conv1's 96 kernels, tower a's 48 above tower b's (Figure 3), after every epoch."""
+def filter_grid(kernels, columns=16):
+    """Figure 3: conv1 kernels (k, k, 3, n), each scaled to [0, 1], tiled in rows of `columns` with 1px gaps."""
+    return grid(to_displayable(tf.transpose(kernels, [3, 0, 1, 2])), columns)
 
-    def __init__(self, logdir, *, batch_size, sample_images, every=20):
-        super().__init__()
-        self.logdir, self.batch_size, self.sample_images, self.every = logdir, batch_size, sample_images, every
 
-    def on_train_begin(self, logs=None):
-        self.writer = tf.summary.create_file_writer(os.path.join(self.logdir, "train"))
-        preprocess = self.model.get_layer("preprocess")
-        with self.writer.as_default(step=0):
-            tf.summary.image("inputs/augmented", to_displayable(preprocess(self.sample_images, training=True)), 8)
+def conv1_kernels(net):
+    """Tower a's 48 kernels, then tower b's: Figure 3's upper and lower halves."""
+    return tf.concat([tf.convert_to_tensor(net.conv1_a.kernel), tf.convert_to_tensor(net.conv1_b.kernel)], -1)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start, self.steps = time.perf_counter(), 0  # Validation time is not training throughput.
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        if self.steps % self.every:
-            return
+def gradient_norms(model, images, labels, seed):
+    """{variable path: norm of the loss's gradient} on one batch, in training mode."""
+    with tf.GradientTape() as tape:
+        logits = tf.cast(model(images, training=True, seed=seed), tf.float32)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    grads = tape.gradient(loss, model.trainable_variables)
+    return {v.path: tf.norm(tf.cast(g, tf.float32)) for v, g in zip(model.trainable_variables, grads, strict=True)}
+
+
+class Writers:
+    """One summary writer per split; no-ops on workers other than the chief."""
+
+    def __init__(self, model_dir, enabled=True):
+        make = (lambda split: tf.summary.create_file_writer(os.path.join(model_dir, split))) if enabled else None
+        self.writers = {split: make(split) if enabled else tf.summary.create_noop_writer() for split in SPLITS}
+
+    def scalars(self, split, step, values):
+        with self.writers[split].as_default(step=step):
+            for name, value in values.items():
+                tf.summary.scalar(name, value)
+
+    def epoch(self, step, model, *, inputs, probe, seed):
+        """Per epoch: weight histograms, gradient norms on a fixed probe batch, Figure 3, augmented inputs."""
+        with self.writers["train"].as_default(step=step):
+            for v in model.net.weights:
+                tf.summary.histogram(f"weights/{v.path}", v)
+            for path, norm in gradient_norms(model, *probe, seed).items():
+                tf.summary.scalar(f"gradient_norm/{path}", norm)
+            tf.summary.image("conv1_filters", filter_grid(conv1_kernels(model.net)))
+            augmented = to_displayable(model.preprocess(inputs, training=True, seed=seed))
+            tf.summary.image("inputs/augmented", grid(augmented, columns=4, gap=2))
+
+    def flush(self):
+        for writer in self.writers.values():
+            writer.flush()
+
+
+def truncate_after(model_dir, step):
+    """Drops the summaries of steps after `step` (written by a run killed after its last checkpoint), so a
+    resumed run's points do not collide with them. A killed writer's torn last record is dropped too."""
+    for split in SPLITS:
+        for path in tf.io.gfile.glob(os.path.join(model_dir, split, "events.out.tfevents.*")):
+            kept, dropped = [], False
+            try:
+                for record in tf.data.TFRecordDataset(path):
+                    event = event_pb2.Event.FromString(record.numpy())
+                    if event.step > step and event.HasField("summary"):
+                        dropped = True
+                    else:
+                        kept.append(record.numpy())
+            except tf.errors.DataLossError:
+                dropped = True
+            if dropped:
+                with tf.io.TFRecordWriter(path + ".tmp") as writer:
+                    for record in kept:
+                        writer.write(record)
+                tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def _duration(seconds):
+    return str(datetime.timedelta(seconds=round(max(seconds, 0))))
+
+
+class Progress:
+    """Console lines: one every log interval (step, epoch, loss, error, images/s, time left for the epoch and the
+    run) and one per epoch."""
+
+    def __init__(self, total_steps, epochs, batch_size, start_step=0, enabled=True):
+        self.total_steps, self.epochs, self.batch_size, self.enabled = total_steps, epochs, batch_size, enabled
+        self.last_time, self.last_step = time.perf_counter(), start_step
+
+    def step(self, step, epoch, epoch_step, epoch_steps, metrics):
+        """Prints a progress line; returns images/s and the step time since the previous one."""
         now = time.perf_counter()
-        step = int(self.model.optimizer.iterations.numpy())
-        with self.writer.as_default(step=step):
-            tf.summary.scalar("throughput/images_per_second", self.steps * self.batch_size / (now - self.start))
-            tf.summary.scalar("learning_rate", float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-        self.start, self.steps = now, 0
+        seconds_per_step = (now - self.last_time) / max(step - self.last_step, 1)
+        self.last_time, self.last_step = now, step
+        rates = {"images_per_second": self.batch_size / seconds_per_step, "step_time_ms": 1000 * seconds_per_step}
+        if self.enabled:
+            print(
+                f"step {step}/{self.total_steps}  epoch {epoch + 1}/{self.epochs} ({epoch_step}/{epoch_steps})  "
+                f"loss {metrics['loss']:.3f}  top-1 err {metrics['top1_error']:.1%}  "
+                f"{rates['images_per_second']:.1f} img/s  "
+                f"epoch left {_duration((epoch_steps - epoch_step) * seconds_per_step)}  "
+                f"run left {_duration((self.total_steps - step) * seconds_per_step)}",
+                flush=True,
+            )
+        return rates
 
-    def on_epoch_end(self, epoch, logs=None):
-        conv1 = self.model.get_layer("alexnet").convs["conv1"]
-        kernels = tf.concat([tf.convert_to_tensor(layer.kernel) for layer in conv1], axis=-1)
-        with self.writer.as_default(step=epoch + 1):
-            tf.summary.image("conv1_filters", filter_grid(kernels))
-        self.writer.flush()
+    def epoch(self, epoch, train, validation, learning_rate, seconds):
+        self.last_time = time.perf_counter()  # Validation time is not training throughput.
+        if self.enabled:
+            print(
+                f"epoch {epoch + 1}/{self.epochs}: train loss {train['loss']:.3f} top-1 err {train['top1_error']:.1%}"
+                f" | validation loss {validation['loss']:.3f} top-1 err {validation['top1_error']:.1%} top-5 err "
+                f"{validation['top5_error']:.1%} | lr {learning_rate:g} | {_duration(seconds)}",
+                flush=True,
+            )
+
+
+def mean_metrics(sums):
+    """[loss sum, top-1 misses, top-5 misses, images] summed over steps -> means."""
+    loss, top1, top5, images = (float(v) for v in np.asarray(sums))
+    images = max(images, 1.0)
+    return {"loss": loss / images, "top1_error": top1 / images, "top5_error": top5 / images}

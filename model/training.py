@@ -1,161 +1,382 @@
-"""The training loop around the paper's model and recipe: replicas, the classifier, fit, and evaluation.
+"""The training loop: the §5 recipe under any tf.distribute strategy, resumable at any step.
 
-train.py turns flags into one `train(...)` call; tests and notebooks call these functions directly.
+`train(config)` is the whole run. The loop is written out (strategy.run inside a tf.function) rather than left to
+Keras' fit, which restarts an interrupted epoch from its first step, keeps no schedule state across a restart and
+has an open failure under MultiWorkerMirroredStrategy (keras-team/keras#20585). One loop serves the mirrored
+replicas, the towers on two devices (§3.2) and several workers.
+
+Exact resume: a run killed at any moment and started again with the same command continues from its last
+checkpoint with the weights, momentum, schedule, data position and random draws it would have had: the data
+order is a function of (seed, epoch) (pipeline/input.py), and a step's random draws a function of (seed, step,
+replica).
 """
 
+import hashlib
 import json
-import math
 import os
+import shutil
+import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from model import augment, build_alexnet, recipe, summaries
+from model import checkpoints, checks, classifier, evaluation, recipe, summaries
 from pipeline import input as data_input
 
 
-def make_strategy(*, cpu_devices=1, mirrored_devices=(), tower_devices=()):
-    """MirroredStrategy over the given devices (default: all GPUs, else all logical CPUs), or, for model-parallel
-    towers, the default strategy: one replica, the model placing its towers itself. (OneDeviceStrategy would
-    create every variable on its one device, tower b's too: its device scope is innermost.)"""
-    if cpu_devices > 1:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
-    if tower_devices:
-        if len(tower_devices) != 2 or mirrored_devices:
-            raise ValueError("--tower_devices takes two devices, and no --mirrored_devices with it")
+class TrainState(tf.Module):
+    """Where the run is, and §5's schedule: what a checkpoint holds besides the weights and momentum."""
+
+    def __init__(self):
+        super().__init__()
+        int64 = dict(dtype=tf.int64, trainable=False)
+        self.step, self.epoch, self.epoch_step = (tf.Variable(0, **int64) for _ in range(3))
+        self.validated = tf.Variable(0, **int64)  # Epochs whose validation and schedule update are done.
+        self.best = tf.Variable(np.inf, dtype=tf.float64, trainable=False)
+        self.wait, self.drops = tf.Variable(0, **int64), tf.Variable(0, **int64)
+        self.epoch_sums = tf.Variable(np.zeros(4), dtype=tf.float64, trainable=False)  # loss, top-1, top-5, images
+
+    @property
+    def plateau(self):
+        return recipe.Plateau(float(self.best.numpy()), int(self.wait.numpy()), int(self.drops.numpy()))
+
+
+def make_strategy(config):
+    """MirroredStrategy over the given devices (default: every GPU, else every CPU device); for towers on two
+    devices the default strategy (the model places its towers itself: OneDeviceStrategy would create every
+    variable on its one device); MultiWorkerMirroredStrategy over the cluster TF_CONFIG describes."""
+    if config.strategy == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if config.strategy == "towers":
         return tf.distribute.get_strategy()
-    devices = mirrored_devices or [d.name for d in tf.config.list_logical_devices("GPU")]
-    devices = devices or [d.name for d in tf.config.list_logical_devices("CPU")]
-    return tf.distribute.MirroredStrategy(devices)
+    devices = list(config.mirrored_devices) or [d.name for d in tf.config.list_logical_devices("GPU")]
+    return tf.distribute.MirroredStrategy(devices or [d.name for d in tf.config.list_logical_devices("CPU")])
 
 
-def build_classifier(num_classes, stats, *, image_size, crop_size, lighting_std, precision="float32", **model_kwargs):
-    """uint8 images -> logits: on-device preprocessing (§2, §4.1) followed by the AlexNet."""
-    preprocess = augment.Preprocess(image_size, crop_size, lighting_std, name="preprocess")
-    mean_image = data_input.resize_mean_image(stats["mean_image"], image_size)
-    preprocess.set_statistics(mean_image, stats["eigenvalues"], stats["eigenvectors"])
-    keras.mixed_precision.set_global_policy(precision)
-    try:
-        net = build_alexnet(num_classes, input_size=crop_size, **model_kwargs)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="images")
-    return keras.Model(inputs, net(preprocess(inputs)), name="classifier"), preprocess, net
+def is_chief(strategy):
+    """Whether this process writes the run's outputs: always, but under MultiWorkerMirroredStrategy the chief."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "chief" or (not has_chief and resolver.task_id == 0)
 
 
-def make_optimizer(precision, learning_rate, momentum, weight_decay):
+def make_optimizer(config):
     """§5's update rule; under float16, wrapped in dynamic loss scaling (float16 gradients underflow without it)."""
-    optimizer = recipe.PaperSGD(learning_rate, momentum, weight_decay)
-    return keras.optimizers.LossScaleOptimizer(optimizer) if precision == "mixed_float16" else optimizer
+    optimizer = recipe.PaperSGD(config.learning_rate, config.momentum, config.weight_decay)
+    return keras.optimizers.LossScaleOptimizer(optimizer) if config.precision == "mixed_float16" else optimizer
 
 
-def evaluate(preprocess, net, dataset, *, crops=10):
-    """Top-1 and top-5 error over the dataset, averaging softmax over the centre crop or §4.1's ten patches."""
+def replica_seed(seed, step):
+    """The stateless seed of this replica's random draws (crops, flips, lighting, dropout) at `step`: a function
+    of (run seed, step, replica) alone, so replicas draw their own and a resumed run draws the same."""
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    return tf.random.experimental.stateless_fold_in(tf.random.experimental.stateless_fold_in([seed, 1], step), replica)
+
+
+def forward(model, images, step, seed):
+    """Training-mode float32 logits of this replica's images at `step`."""
+    return tf.cast(model(images, training=True, seed=replica_seed(seed, step)), tf.float32)
+
+
+def make_train_step(model, optimizer, strategy, config):
+    """A compiled step: one batch per replica, gradients summed over the replicas, the §5 update on each."""
+    variables = model.trainable_variables
+
+    def replica_step(images, labels, step):
+        with tf.GradientTape() as tape:
+            logits = forward(model, images, step, config.seed)
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            loss = tf.reduce_sum(losses) / config.batch_size  # Summed over the replicas: the batch's mean.
+            scaled = optimizer.scale_loss(loss)
+        optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables, strict=True))
+        top1, top5 = (tf.reduce_sum(evaluation.top_k_misses(labels, logits, k)) for k in (1, 5))
+        return tf.stack([tf.reduce_sum(losses), top1, top5, tf.cast(tf.size(labels), tf.float32)])
 
     @tf.function
-    def predict(images):
-        x = preprocess.normalize(images)
-        patches = augment.ten_crops(x, preprocess.crop_size) if crops == 10 else [preprocess(images)]
-        return tf.add_n([tf.nn.softmax(tf.cast(net(p, training=False), tf.float32)) for p in patches]) / len(patches)
+    def train_step(iterator, step):
+        images, labels = next(iterator)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, (images, labels, step)), None)
 
-    errors, count = {1: 0, 5: 0}, 0
-    for images, labels in dataset:
-        probs = predict(images)
-        for k in errors:
-            errors[k] += int(tf.reduce_sum(tf.cast(~tf.math.in_top_k(labels, probs, k), tf.int32)))
-        count += int(labels.shape[0])
-    return {"top1_error": errors[1] / count, "top5_error": errors[5] / count, "images": count, "crops": crops}
+    return train_step
 
 
-def train(
-    *,
-    data_dir,
-    model_dir,
-    epochs,
-    batch_size,
-    learning_rate,
-    momentum,
-    weight_decay,
-    lr_patience,
-    lr_drops,
-    warmup_steps,
-    image_size,
-    crop_size,
-    lighting_std,
-    eval_crops,
-    strategy,
-    precision="float32",
-    seed=0,
-    log_every_steps=20,
-    **model_kwargs,
-):
-    """Trains with the paper's recipe; returns the final evaluation dict (also written to eval.json)."""
-    keras.utils.set_random_seed(seed)
-    train_ds = data_input.dataset(data_dir, "train", batch_size=batch_size, training=True, image_size=image_size)
-    val_ds = data_input.dataset(data_dir, "validation", batch_size=batch_size, training=False, image_size=image_size)
-    counts, stats = data_input.load_summary(data_dir), data_input.load_stats(data_dir)
-    # Keras' evaluate loop (TF 2.21, Keras 3.15) runs a phantom step past the end of a dataset of unknown length:
-    # with whole batches it averages in a batch that is not there (measured: 71/512 for 71/384 misses); with a
-    # final partial batch under two replicas it stops ("input depth must be evenly divisible by filter depth:
-    # 3 vs 48"). So the per-epoch check takes whole batches with explicit steps, repeated because Keras then keeps
-    # one iterator across epochs (each epoch takes exactly one pass); the final evaluation sees every image.
-    val_batch = min(batch_size, counts["validation"]["written"])
-    val_epoch_ds = data_input.dataset(
-        data_dir, "validation", batch_size=val_batch, training=False, image_size=image_size, whole_batches=True
-    ).repeat()
-    with strategy.scope():
-        classifier, preprocess, net = build_classifier(
-            counts["classes"],
-            stats,
-            image_size=image_size,
-            crop_size=crop_size,
-            lighting_std=lighting_std,
-            precision=precision,
-            **model_kwargs,
+class Run:
+    """One training run's objects: the model and optimizer under the strategy, its state and checkpoints, its
+    summaries."""
+
+    def __init__(self, config, strategy, data):
+        self.config, self.strategy, self.data = config, strategy, data
+        self.chief = is_chief(strategy)
+        # Every worker writes checkpoints (saving may need them all); only the chief's are kept (TF's guide).
+        keras.utils.set_random_seed(config.seed)  # The initial weights (§5) depend on the seed alone.
+        task = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0)
+        self.work_dir = config.model_dir if self.chief else os.path.join(config.model_dir, f".worker-{task}")
+        with strategy.scope():
+            self.model = classifier.build_classifier(
+                len(data.labels),
+                data.stats,
+                image_size=config.image_size,
+                crop_size=config.crop_size,
+                lighting_std=config.lighting_std,
+                precision=config.precision,
+                tower_devices=config.tower_devices or None,
+                dropout=config.dropout,
+                weight_std=config.weight_std,
+            )
+            self.optimizer = make_optimizer(config)
+            self.optimizer.build(self.model.trainable_variables)
+        self.state = TrainState()
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, state=self.state)
+        folder = os.path.join(self.work_dir, checkpoints.CHECKPOINTS)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, folder, max_to_keep=config.keep_checkpoints)
+        best = os.path.join(self.work_dir, checkpoints.BEST)
+        self.best = tf.train.CheckpointManager(tf.train.Checkpoint(model=self.model), best, max_to_keep=1)
+        self.writers = summaries.Writers(config.model_dir, enabled=self.chief)
+        self.train_step = make_train_step(self.model, self.optimizer, strategy, config)
+        self.local_replicas = evaluation.local_replicas(strategy)
+        self.pipelines = strategy.num_replicas_in_sync // self.local_replicas  # One input pipeline per worker.
+
+    @property
+    def samples(self):
+        """Fixed images for the per-epoch summaries: 8 training images to augment, and a validation batch on
+        which the gradient norms are taken."""
+        if not hasattr(self, "_samples"):
+            config, files, sizes = self.config, self.data.files, self.data.sizes
+            size = dict(image_size=config.image_size)
+            inputs = data_input.train_dataset(
+                files["train"], sizes["train"], seed=config.seed, epoch=0, batch_size=8, **size
+            )
+            probe = data_input.eval_dataset(files["validation"], sizes["validation"], batch_size=32, **size)
+            self._samples = (next(iter(inputs))[0], *next(iter(probe))[:2])
+        return self._samples
+
+    def restore(self):
+        """Continues the run in model_dir, if there is one; returns the step it continues from."""
+        latest = tf.train.latest_checkpoint(os.path.join(self.config.model_dir, checkpoints.CHECKPOINTS))
+        if latest is None:
+            return 0
+        self.checkpoint.restore(latest).assert_consumed()
+        step = int(self.state.step.numpy())
+        if self.chief:
+            summaries.truncate_after(self.config.model_dir, step)
+        return step
+
+    def save(self, best=False):
+        self.manager.save(checkpoint_number=int(self.state.step.numpy()))
+        if best:
+            self.best.save(checkpoint_number=int(self.state.step.numpy()))
+        if not self.chief:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def steps_in_epoch(self, epoch):
+        step_size = self.config.batch_size // self.pipelines
+        sizes = self.data.sizes["train"]
+        return data_input.epoch_plan(
+            sizes, seed=self.config.seed, epoch=epoch, step_size=step_size, pipelines=self.pipelines
+        )[1]
+
+    def epoch_dataset(self, epoch, skip_steps):
+        config, files, sizes = self.config, self.data.files["train"], self.data.sizes["train"]
+        return self.strategy.distribute_datasets_from_function(
+            lambda ctx: data_input.train_dataset(
+                files,
+                sizes,
+                seed=config.seed,
+                epoch=epoch,
+                batch_size=ctx.get_per_replica_batch_size(config.batch_size),
+                replicas=self.local_replicas,
+                image_size=config.image_size,
+                pipeline=ctx.input_pipeline_id,
+                pipelines=ctx.num_input_pipelines,
+                skip_steps=skip_steps,
+                deterministic=config.deterministic,
+                data_service=config.data_service or None,
+            )
         )
-        optimizer = make_optimizer(precision, learning_rate, momentum, weight_decay)
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        classifier.compile(optimizer=optimizer, loss=loss, metrics=recipe.metrics())
-    callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
-        recipe.LinearWarmup(warmup_steps),
-        # §5: divide by 10 when the validation error stops improving, three times in all.
-        keras.callbacks.ReduceLROnPlateau(
-            "val_top1_error",
-            factor=0.1,
-            patience=lr_patience,
-            mode="min",
-            min_lr=learning_rate * 0.1**lr_drops,
-            verbose=1,
-        ),
-        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "latest.weights.h5"), save_weights_only=True),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(model_dir, "best.weights.h5"),
-            "val_top1_error",
-            mode="min",
-            save_best_only=True,
-            save_weights_only=True,
-        ),
-        keras.callbacks.TensorBoard(model_dir, update_freq=log_every_steps),
-        summaries.Summaries(
-            model_dir, batch_size=batch_size, sample_images=next(iter(train_ds))[0][:8], every=log_every_steps
-        ),
-    ]
-    classifier.fit(
-        train_ds,
-        epochs=epochs,
-        steps_per_epoch=math.ceil(counts["train"]["written"] / batch_size),
-        validation_data=val_epoch_ds,
-        validation_steps=counts["validation"]["written"] // val_batch,
-        callbacks=callbacks,
-        shuffle=False,  # tf.data shuffles (pipeline/input.py); Keras' default True only warns that it cannot.
-        verbose=2,  # One line per epoch: readable in logs and CI.
-    )
-    result = evaluate(preprocess, net, val_ds, crops=eval_crops)
-    with tf.summary.create_file_writer(os.path.join(model_dir, "eval")).as_default(step=epochs):
-        for key in ("top1_error", "top5_error"):
-            tf.summary.scalar(f"{key}_{eval_crops}crop", result[key])
-    with tf.io.gfile.GFile(os.path.join(model_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+
+    def evaluate(self, crops):
+        config = self.config
+        files, sizes = self.data.files["validation"], self.data.sizes["validation"]
+        return evaluation.evaluate(
+            self.model,
+            self.strategy,
+            files,
+            sizes,
+            batch_size=config.batch_size,
+            image_size=config.image_size,
+            crops=crops,
+            labels=self.data.labels,
+        )
+
+
+class _Interval:
+    """Metrics of the steps since the last log line, fetched from the device only then (no sync every step)."""
+
+    def __init__(self):
+        self.pending, self.epoch = [], np.zeros(4)
+
+    def add(self, metrics):
+        self.pending.append(metrics)
+
+    def collect(self, step):
+        """Mean loss and errors of the pending steps; raises when the loss stopped being a number."""
+        sums = np.sum([m.numpy() for m in self.pending], axis=0) if self.pending else np.zeros(4)
+        steps, self.pending = len(self.pending), []
+        checks.finite(sums, f"the loss is not a number at step {step}: lower --learning_rate (or add --warmup_steps)")
+        self.epoch += sums
+        return {**summaries.mean_metrics(sums), "steps": steps}
+
+
+def _learning_rate(run, step):
+    value = recipe.learning_rate(run.config, step, int(run.state.drops.numpy()))
+    run.optimizer.learning_rate.assign(value)
+    return value
+
+
+def train_epoch(run, epoch, progress):
+    """The rest of epoch `epoch` from where the state says it stopped; checkpoints on the way."""
+    config, state = run.config, run.state
+    steps, start = run.steps_in_epoch(epoch), int(state.epoch_step.numpy())
+    iterator, interval = iter(run.epoch_dataset(epoch, start)), _Interval()
+    interval.epoch = state.epoch_sums.numpy().copy()
+    step, last_save, profile = int(state.step.numpy()), time.monotonic(), tuple(config.profile_steps)
+    lr = _learning_rate(run, step)
+    for epoch_step in range(start + 1, steps + 1):
+        if step <= config.warmup_steps:
+            lr = _learning_rate(run, step)
+        if profile and step + 1 == profile[0]:
+            tf.profiler.experimental.start(os.path.join(config.model_dir, "train"))
+        with tf.profiler.experimental.Trace("train", step_num=step + 1, _r=1):  # _r=1 marks a step.
+            interval.add(_next_step(run, iterator, step, epoch))
+        step += 1
+        if profile and step == profile[1]:
+            interval.pending[-1].numpy()
+            tf.profiler.experimental.stop()
+        if step % config.log_every_steps == 0 or epoch_step == steps:
+            metrics = interval.collect(step)
+            rates = progress.step(step, epoch, epoch_step, steps, metrics)
+            run.writers.scalars("train", step, {**metrics, **rates, "learning_rate": lr})
+        due = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+        due = due or time.monotonic() - last_save > 60 * config.checkpoint_every_minutes
+        if due and epoch_step < steps:
+            interval.collect(step)
+            _set_state(state, step=step, epoch=epoch, epoch_step=epoch_step, epoch_sums=interval.epoch)
+            run.save()
+            last_save = time.monotonic()
+    interval.collect(step)
+    _set_state(state, step=step, epoch=epoch, epoch_step=steps, epoch_sums=interval.epoch)
+    return interval.epoch
+
+
+def _next_step(run, iterator, step, epoch):
+    try:
+        return run.train_step(iterator, tf.constant(step, tf.int64))
+    except tf.errors.DataLossError as e:
+        bad = checks.corrupt_shards(run.data.files["train"])
+        named = "; ".join(f"{path} ({reason})" for path, reason in bad) or e.message
+        raise checks.DataError(f"a training shard is corrupt: {named}. Convert the data again") from None
+
+
+def _set_state(state, **values):
+    for name, value in values.items():
+        getattr(state, name).assign(value)
+
+
+def end_epoch(run, epoch, sums, progress, seconds):
+    """§5's check after each epoch: the validation error, the schedule, the best weights, a checkpoint."""
+    state, config = run.state, run.config
+    validation = run.evaluate(crops=1)
+    before = state.plateau
+    plateau = before.update(validation["top1_error"], config.lr_patience, config.lr_drops)
+    _set_state(state, best=plateau.best, wait=plateau.wait, drops=plateau.drops, validated=epoch + 1)
+    step = int(state.step.numpy())
+    train = summaries.mean_metrics(sums)
+    lr = _learning_rate(run, step)
+    run.writers.scalars("train", step, {f"epoch/{k}": v for k, v in train.items()} | {"epoch/epoch": epoch + 1})
+    keys = ("loss", "top1_error", "top5_error")
+    run.writers.scalars("validation", step, {f"epoch/{k}": validation[k] for k in keys})
+    if run.chief:
+        run.writers.epoch(step, run.model, inputs=run.samples[0], probe=run.samples[1:], seed=[config.seed, epoch])
+    if plateau.drops > before.drops:
+        print(f"validation top-1 error has not improved for {config.lr_patience} epochs: learning rate now {lr:g}")
+    _set_state(state, epoch=epoch + 1, epoch_step=0, epoch_sums=np.zeros(4))
+    run.save(best=plateau.best < before.best)
+    run.writers.flush()
+    progress.epoch(epoch, train, validation, lr, seconds)
+
+
+def weights_digest(model):
+    """SHA-256 of every weight of the model, in order: which weights an evaluation saw (and whether workers
+    agree)."""
+    digest = hashlib.sha256()
+    for v in model.weights:
+        digest.update(np.ascontiguousarray(v.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def final_evaluation(run):
+    """eval.json: the final weights on the whole validation split, on the centre crop or §4.1's ten patches."""
+    config = run.config
+    result = run.evaluate(crops=config.eval_crops)
+    result["weights_sha256"] = weights_digest(run.model)
+    step = int(run.state.step.numpy())
+    run.writers.scalars("eval", step, {f"{k}_{config.eval_crops}crop": result[k] for k in ("top1_error", "top5_error")})
+    run.writers.flush()
+    if run.chief:
+        with tf.io.gfile.GFile(os.path.join(config.model_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
     return result
+
+
+def train(config, flags_text=None):
+    """Trains (or continues training) with the paper's recipe; returns the final evaluation (eval.json).
+
+    flags_text, the command's flags, is written to model_dir/flags.txt once the checks have passed."""
+    checks.check_config(config)
+    strategy = make_strategy(config)
+    checks.check_devices(config)
+    checks.check_batch(config, strategy.num_replicas_in_sync)
+    data = checks.load_data(config)
+    checks.check_resume(config, config.model_dir)
+    run = Run(config, strategy, data)
+    tf.io.gfile.makedirs(config.model_dir)
+    if run.chief:
+        with tf.io.gfile.GFile(os.path.join(config.model_dir, "config.json"), "w") as f:
+            json.dump(config.to_json(), f, indent=2)
+        if flags_text is not None:
+            with tf.io.gfile.GFile(os.path.join(config.model_dir, "flags.txt"), "w") as f:
+                f.write(flags_text)
+    start = run.restore()
+    state = run.state
+    epochs_steps = [run.steps_in_epoch(e) for e in range(config.epochs)]
+    done = start == sum(epochs_steps) and int(state.validated.numpy()) == config.epochs
+    eval_path = os.path.join(config.model_dir, "eval.json")
+    if done and tf.io.gfile.exists(eval_path):
+        print(f"{config.model_dir} has finished training ({config.epochs} epochs, {start} steps): nothing to do")
+        with tf.io.gfile.GFile(eval_path) as f:
+            return json.load(f)
+    if start:
+        epoch, epoch_step = int(state.epoch.numpy()), int(state.epoch_step.numpy())
+        print(f"Resuming {config.model_dir} at step {start}: epoch {epoch + 1}, step {epoch_step} of it", flush=True)
+    if run.chief:
+        replicas = strategy.num_replicas_in_sync
+        print(
+            f"Training on {replicas} replica(s) ({type(strategy).__name__}, {run.pipelines} worker(s)): batch "
+            f"{config.batch_size} = {replicas} x {config.batch_size // replicas}, {epochs_steps[0]} steps an epoch, "
+            f"{config.epochs} epochs",
+            flush=True,
+        )
+    progress = summaries.Progress(sum(epochs_steps), config.epochs, config.batch_size, start, enabled=run.chief)
+    for epoch in range(int(state.epoch.numpy()), config.epochs):
+        began = time.monotonic()
+        sums = (
+            train_epoch(run, epoch, progress)
+            if int(state.epoch_step.numpy()) < epochs_steps[epoch]
+            else state.epoch_sums.numpy()
+        )
+        if int(state.validated.numpy()) <= epoch:
+            end_epoch(run, epoch, sums, progress, time.monotonic() - began)
+    return final_evaluation(run)

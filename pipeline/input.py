@@ -1,7 +1,13 @@
 """The tf.data reader: TFRecord shards -> uint8 image batches and labels, ready for on-device augmentation.
 
-All per-image work on the host is parsing and JPEG decoding; crops, flips and lighting run on the accelerator
-(model/augment.py). Decoding at a reduced size uses libjpeg's DCT scaling (`ratio`), nearly free.
+All per-image work on the host is parsing and JPEG decoding (at a reduced size, libjpeg's DCT scaling is nearly
+free); crops, flips and lighting run on the accelerator (model/augment.py).
+
+Training order: each epoch's order is a function of (seed, epoch) alone. The shards are permuted, dealt to the
+input pipelines (one per worker, each reading its own shards), and read GROUP_SHARDS at a time; each group's
+records are shuffled together, as serialized records, before decoding. A position inside an epoch is therefore a
+group and an offset in it: a resumed run never opens the groups before it, and skips the records before the
+offset without decoding them.
 """
 
 import json
@@ -13,8 +19,51 @@ import tensorflow as tf
 
 from pipeline import example_spec
 
-SHUFFLE_BUFFER = 10_000
+GROUP_SHARDS = 8  # Shards read and shuffled together: ~10,000 ImageNet images, ~200 MB of JPEGs.
 SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})$")
+
+
+def _read_json(data_dir, name):
+    path = os.path.join(data_dir, name)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(
+            f"{path} is missing: --data_dir must be the output of `python -m pipeline.build_tfrecords` "
+            "(a conversion that did not finish writes no summary.json: run it again)"
+        )
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def load_summary(data_dir):
+    """summary.json of the conversion: image counts (and images per shard) per split."""
+    return _read_json(data_dir, "summary.json")
+
+
+def load_stats(data_dir):
+    """stats.npz: mean_image (256x256x3), eigenvalues (3,) descending, eigenvectors (3x3, columns)."""
+    path = os.path.join(data_dir, "stats.npz")
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run `python -m pipeline.build_tfrecords` again")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        stats = np.load(f)
+        return {k: stats[k] for k in ("mean_image", "eigenvalues", "eigenvectors")}
+
+
+def load_labels(data_dir):
+    """labels.txt: line i is label i's wnid, then optionally a tab and the class's name. Returns [(wnid, name)]."""
+    path = os.path.join(data_dir, "labels.txt")
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run `python -m pipeline.build_tfrecords` again")
+    with tf.io.gfile.GFile(path) as f:
+        rows = [line.rstrip("\n").split("\t", 1) for line in f if line.strip()]
+    return [(row[0], row[1] if len(row) > 1 else row[0]) for row in rows]
+
+
+def resize_mean_image(mean_image, image_size):
+    """The mean image at the size images are decoded to (area averaging, as DCT downscaling roughly does)."""
+    if mean_image.shape[0] == image_size:
+        return mean_image
+    return tf.image.resize(mean_image, (image_size, image_size), method="area").numpy()
 
 
 def shard_files(data_dir, split):
@@ -30,24 +79,14 @@ def shard_files(data_dir, split):
     return files
 
 
-def load_summary(data_dir):
-    """summary.json of the conversion: image counts per split."""
-    with tf.io.gfile.GFile(os.path.join(data_dir, "summary.json")) as f:
-        return json.load(f)
-
-
-def load_stats(data_dir):
-    """stats.npz: mean_image (256x256x3), eigenvalues (3,) descending, eigenvectors (3x3, columns)."""
-    with tf.io.gfile.GFile(os.path.join(data_dir, "stats.npz"), "rb") as f:
-        stats = np.load(f)
-        return {k: stats[k] for k in ("mean_image", "eigenvalues", "eigenvectors")}
-
-
-def resize_mean_image(mean_image, image_size):
-    """The mean image at the size images are decoded to (area averaging, as DCT downscaling roughly does)."""
-    if mean_image.shape[0] == image_size:
-        return mean_image
-    return tf.image.resize(mean_image, (image_size, image_size), method="area").numpy()
+def shard_sizes(files, summary, split):
+    """Images per shard: from summary.json, or counted (outputs of conversions before it listed them)."""
+    sizes = summary.get(split, {}).get("shard_sizes")
+    if sizes is None:
+        sizes = [int(tf.data.TFRecordDataset(f).reduce(0, lambda n, _: n + 1)) for f in files]
+    if len(sizes) != len(files):
+        raise ValueError(f"summary.json lists {len(sizes)} {split} shards, the folder holds {len(files)}")
+    return np.asarray(sizes, np.int64)
 
 
 def decode(serialized, image_size=example_spec.IMAGE_SIZE):
@@ -59,27 +98,99 @@ def decode(serialized, image_size=example_spec.IMAGE_SIZE):
     return image, tf.cast(features[example_spec.LABEL], tf.int32)
 
 
-def dataset(
-    data_dir, split, *, batch_size, training, image_size=example_spec.IMAGE_SIZE, seed=None, whole_batches=None
-):
-    """Batches of (uint8 images, labels); training data is shuffled and repeats forever.
-
-    whole_batches (default: when training) drops a final partial batch.
-    """
+def check_image_size(image_size):
     if example_spec.IMAGE_SIZE % image_size or example_spec.IMAGE_SIZE // image_size not in (1, 2, 4, 8):
-        raise ValueError(f"image_size={image_size}: must be 256, 128, 64 or 32 (JPEG DCT scaling)")
-    files = shard_files(data_dir, split)
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if training:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(16, len(files)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=not training,
-    )
-    if training:
-        ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed)
-    ds = ds.map(lambda s: decode(s, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
-    whole_batches = training if whole_batches is None else whole_batches
-    return ds.batch(batch_size, drop_remainder=whole_batches).prefetch(tf.data.AUTOTUNE)
+        raise ValueError(f"--image_size={image_size}: must be 256, 128, 64 or 32 (JPEG DCT scaling of the 256 records)")
+
+
+def epoch_plan(sizes, *, seed, epoch, step_size, pipeline=0, pipelines=1):
+    """(groups of shard indices this pipeline reads in order, steps of the epoch), `step_size` images per step
+    and pipeline.
+
+    Every pipeline takes the same number of steps (a step is a collective): as many as the pipeline with the
+    fewest images fills. The images beyond them are left out of this epoch only: the permutation changes with
+    each epoch."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(sizes))
+    steps = min(int(sizes[order[p::pipelines]].sum()) // step_size for p in range(pipelines))
+    mine = [i for i in order[pipeline::pipelines] if sizes[i]]
+    return [mine[i : i + GROUP_SHARDS] for i in range(0, len(mine), GROUP_SHARDS)], steps
+
+
+def group_seed(seed, epoch, group):
+    return tf.random.experimental.stateless_fold_in(tf.random.experimental.stateless_fold_in([seed, 0], epoch), group)
+
+
+def _shuffled_group(group, files, seed, epoch):
+    """The serialized records of a group of shards, in a random order drawn from (seed, epoch, group)."""
+    records = tf.data.TFRecordDataset(files, num_parallel_reads=GROUP_SHARDS).batch(2**31 - 1).get_single_element()
+    return tf.random.experimental.stateless_shuffle(records, group_seed(seed, epoch, group))
+
+
+def train_dataset(
+    files,
+    sizes,
+    *,
+    seed,
+    epoch,
+    batch_size,
+    replicas=1,
+    image_size=example_spec.IMAGE_SIZE,
+    pipeline=0,
+    pipelines=1,
+    skip_steps=0,
+    deterministic=True,
+    data_service=None,
+):
+    """Epoch `epoch` of the training set for one input pipeline: batches of (uint8 images, int32 labels) of
+    `batch_size` (per replica), `replicas` batches a step, the first `skip_steps` steps left out. Decoding runs
+    in parallel, in order when `deterministic`.
+
+    With `data_service` (grpc://HOST:PORT of a tf.data service dispatcher) the reading and decoding run on the
+    service's workers, which take groups as they become free ("distributed_epoch"): every image once per epoch,
+    whatever the number of workers. The order then depends on their timing, and a resumed epoch skips whole
+    groups only."""
+    if data_service:
+        pipeline, pipelines = 0, 1  # The service deals the groups to its workers and the batches to consumers.
+    step_size = batch_size * replicas
+    plan = dict(seed=seed, epoch=epoch, step_size=step_size, pipeline=pipeline, pipelines=pipelines)
+    groups, steps = epoch_plan(sizes, **plan)
+    skip, first = skip_steps * step_size, 0
+    while first < len(groups) and sizes[groups[first]].sum() <= skip:  # Whole groups: never opened.
+        skip -= int(sizes[groups[first]].sum())
+        first += 1
+    names = tf.ragged.constant([[files[i] for i in group] for group in groups[first:]], dtype=tf.string)
+    ds = tf.data.Dataset.from_tensor_slices((tf.range(first, len(groups)), names))
+    ds = ds.map(lambda group, names: _shuffled_group(group, names, seed, epoch)).prefetch(1)
+    ds = ds.flat_map(tf.data.Dataset.from_tensor_slices)
+    if not data_service:
+        ds = ds.skip(skip)  # Serialized records: read, not decoded.
+    ds = ds.map(lambda r: decode(r, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if data_service:
+        ds = ds.apply(
+            tf.data.experimental.service.distribute(
+                processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+                service=data_service,
+                job_name=f"alexnet-train-seed{seed}-epoch{epoch}",
+            )
+        )
+    else:
+        ds = ds.take((steps - skip_steps) * replicas)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_steps(sizes, step_size, pipelines=1):
+    """Steps for every pipeline to see all of its images: the same on each (the short ones pad)."""
+    return max(-(-int(sizes[p::pipelines].sum()) // step_size) for p in range(pipelines))
+
+
+def eval_dataset(files, sizes, *, batch_size, replicas=1, image_size=example_spec.IMAGE_SIZE, pipeline=0, pipelines=1):
+    """Every image of the split once, in shard order, as batches of (uint8 images, int32 labels, bool valid): the
+    last batches padded with invalid blanks, so every batch (and every replica's share) is whole."""
+    batches = eval_steps(sizes, batch_size * replicas, pipelines) * replicas
+    mine = files[pipeline::pipelines]
+    ds = tf.data.TFRecordDataset(mine, num_parallel_reads=min(16, max(1, len(mine))))
+    ds = ds.map(lambda r: (*decode(r, image_size), True), num_parallel_calls=tf.data.AUTOTUNE)
+    blank = (tf.zeros((image_size, image_size, 3), tf.uint8), tf.constant(0, tf.int32), False)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat())
+    return ds.batch(batch_size, drop_remainder=True).take(batches).prefetch(tf.data.AUTOTUNE)

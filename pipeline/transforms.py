@@ -288,15 +288,18 @@ def stats_files(pixel_stats):
 
 def summarize(seen, shards, rejected, num_shards):
     """summary.json's content; raises if any image is unaccounted for."""
-    summary = {}
+    summary = {"image_size": example_spec.IMAGE_SIZE}
     for split in SPLITS:
         written = sum(count for s, _, count in shards if s == split)
         rejects = sum(1 for s, _, _ in rejected if s == split)
+        sizes = {name: count for s, name, count in shards if s == split}
         summary[split] = {
             "seen": seen.get(split, 0),
             "written": written,
             "rejected": rejects,
             "shards": num_shards[split],
+            # Images per shard, in shard order: the reader plans each epoch (and a resumed one) from these.
+            "shard_sizes": [sizes.get(shard_name(split, i, num_shards[split]), 0) for i in range(num_shards[split])],
         }
         if summary[split]["seen"] != written + rejects:
             raise RuntimeError(f"{split}: {seen.get(split, 0)} files seen but {written} written + {rejects} rejected")

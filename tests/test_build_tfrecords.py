@@ -10,7 +10,7 @@ import tensorflow as tf
 from pipeline import demo_data as demo_module
 from pipeline import example_spec, images, sources
 from pipeline import input as data_input
-from tests.conftest import TRAIN_PER_CLASS, VAL_PER_CLASS, photos_dir, run_conversion
+from tests.helpers import TRAIN_PER_CLASS, VAL_PER_CLASS, photos_dir, run_conversion
 
 WNIDS = [wnid for wnid, _, _ in demo_module.CLASSES]
 
@@ -29,7 +29,11 @@ def test_summary_accounts_for_every_file(demo_data, demo_raw):
     with open(os.path.join(demo_data, "summary.json")) as f:
         summary = json.load(f)
     train_files = glob.glob(os.path.join(demo_raw, "train", "*", "*"))
+    sizes = summary["train"].pop("shard_sizes")
     assert summary["train"] == {"seen": len(train_files), "written": len(train_files) - 1, "rejected": 1, "shards": 4}
+    files = data_input.shard_files(demo_data, "train")
+    assert sizes == [sum(1 for _ in tf.data.TFRecordDataset(f)) for f in files] and sum(sizes) == len(train_files) - 1
+    assert summary["image_size"] == 256
     assert summary["validation"]["seen"] == summary["validation"]["written"] == len(WNIDS) * VAL_PER_CLASS
     with open(os.path.join(demo_data, "rejected.tsv")) as f:
         rows = [line.rstrip("\n").split("\t") for line in f][1:]

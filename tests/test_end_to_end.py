@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.test_cli import _run
+from tests.helpers import run as _run
 
 pytestmark = pytest.mark.slow
 

@@ -66,44 +66,34 @@ def test_paper_sgd_updates_every_mirrored_replica_with_the_summed_gradient():
         np.testing.assert_allclose(replica_momentum.numpy(), v, rtol=1e-6, atol=1e-7)
 
 
-def test_top_k_error():
-    logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]], np.float32)
+def test_top_k_misses():
+    from model import evaluation
+
+    probs = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]], np.float32)
     labels = np.array([1, 1, 0])  # Right at top 1; in the top 2 only; in neither.
-    top1, top2 = recipe.TopKError(k=1), recipe.TopKError(k=2)
-    top1.update_state(labels, logits)
-    top2.update_state(labels, logits)
-    assert float(top1.result()) == pytest.approx(2 / 3)
-    assert float(top2.result()) == pytest.approx(1 / 3)
+    np.testing.assert_array_equal(evaluation.top_k_misses(labels, probs, 1).numpy(), [0, 1, 1])
+    np.testing.assert_array_equal(evaluation.top_k_misses(labels, probs, 2).numpy(), [0, 0, 1])
 
 
-def test_top_k_error_in_compiled_evaluation_with_static_batches():
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(96, 4)).astype(np.float32), rng.integers(0, 10, 96).astype(np.int32)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(10)])
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=recipe.metrics())
-    logits = model.predict(x, verbose=0)
-    expected = {
-        k: np.mean([label not in np.argsort(-row)[:k] for row, label in zip(logits, y, strict=True)]) for k in (1, 5)
-    }
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)  # Static batch dimension.
-    result = model.evaluate(ds, verbose=0, return_dict=True)
-    assert result["top1_error"] == pytest.approx(expected[1], abs=1e-6)
-    assert result["top5_error"] == pytest.approx(expected[5], abs=1e-6)
+def _plateau(errors, patience=1, max_drops=3):
+    plateau = recipe.Plateau()
+    for error in errors:
+        plateau = plateau.update(error, patience, max_drops)
+    return plateau
 
 
-def _plateau_lr(errors, mode="auto"):
-    """The learning rate after ReduceLROnPlateau (patience 1) sees these validation top-1 errors."""
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
-    model.compile(optimizer=recipe.PaperSGD(0.01), loss="sparse_categorical_crossentropy", metrics=recipe.metrics())
-    model.evaluate(np.zeros((2, 2)), np.zeros(2), verbose=0)  # Builds the metrics, as fit() does.
-    callback = keras.callbacks.ReduceLROnPlateau("val_top1_error", patience=1, mode=mode)
-    callback.set_model(model)
-    callback.on_train_begin()
-    for epoch, error in enumerate(errors):
-        callback.on_epoch_end(epoch, {"val_top1_error": error})
-    return float(model.optimizer.learning_rate.numpy())
+def test_plateau_divides_the_rate_when_the_error_stops_improving():
+    assert _plateau([0.9, 0.7, 0.5, 0.3]) == recipe.Plateau(0.3, 0, 0)  # Improving: the rate stays.
+    assert _plateau([0.9, 0.7, 0.8]) == recipe.Plateau(0.7, 0, 1)  # Worse once with patience 1: divided (§5).
+    assert _plateau([0.9, 0.7, 0.8, 0.75], patience=2) == recipe.Plateau(0.7, 0, 1)
+    assert _plateau([0.9, 0.7, 0.7], patience=2) == recipe.Plateau(0.7, 1, 0)  # Equal is not better.
+    assert _plateau([0.5] + [0.6] * 10) == recipe.Plateau(0.5, 7, 3)  # At most three times (§5).
 
 
-def test_plateau_callbacks_minimize_the_error_even_in_auto_mode():
-    assert _plateau_lr([0.9, 0.7, 0.5, 0.3]) == pytest.approx(0.01)  # Improving: the rate stays.
-    assert _plateau_lr([0.9, 0.7, 0.8]) == pytest.approx(0.001)  # Worse: divided by 10 (§5).
+def test_learning_rate_is_the_papers_after_the_warm_up_and_each_drop():
+    config = recipe.Config(learning_rate=0.01, warmup_steps=4)
+    assert [recipe.learning_rate(config, s, 0) for s in range(6)] == pytest.approx(
+        [0.002, 0.004, 0.006, 0.008, 0.01, 0.01]
+    )
+    assert recipe.learning_rate(config, 100, 2) == pytest.approx(0.0001)
+    assert recipe.learning_rate(recipe.Config(), 0, 0) == 0.01  # No warm-up in the paper.

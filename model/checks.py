@@ -1,0 +1,172 @@
+"""Everything that can be wrong before the first training step, each a clear error naming the flag or file and
+what to do: settings, devices, the converted data and a model_dir holding another run."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from model import recipe
+from pipeline import example_spec
+from pipeline import input as data_input
+
+
+class ConfigError(ValueError):
+    """A setting, file or folder a run cannot start with; the message says which and what to do."""
+
+
+class DataError(RuntimeError):
+    """The data broke during training (a corrupt shard); the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """The converted dataset as training reads it."""
+
+    files: dict  # split -> shard paths
+    sizes: dict  # split -> images per shard (np.int64)
+    stats: dict  # mean_image (at the decode size), eigenvalues, eigenvectors
+    labels: list  # [(wnid, name)] in label order
+
+
+def check_config(config):
+    positive = ("epochs", "batch_size", "learning_rate", "log_every_steps", "keep_checkpoints", "image_size")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"--{name}={getattr(config, name)}: must be positive")
+    for name in ("momentum", "weight_decay", "lighting_std", "warmup_steps", "lr_drops", "checkpoint_every_steps"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"--{name}={getattr(config, name)}: must not be negative")
+    if not 0 <= config.dropout < 1:
+        raise ConfigError(f"--dropout={config.dropout}: must be in [0, 1)")
+    if config.lr_patience < 1:
+        raise ConfigError(f"--lr_patience={config.lr_patience}: must be at least 1 (epochs)")
+    try:
+        data_input.check_image_size(config.image_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if config.crop_size > config.image_size:
+        raise ConfigError(f"--crop_size={config.crop_size} is larger than --image_size={config.image_size}")
+    if config.crop_size < 64:
+        raise ConfigError(f"--crop_size={config.crop_size}: the network needs at least 64 (pool5 would be empty)")
+    if config.strategy not in recipe.STRATEGIES or config.precision not in recipe.PRECISIONS:
+        raise ConfigError(f"--strategy must be one of {recipe.STRATEGIES}, --precision one of {recipe.PRECISIONS}")
+    if config.eval_crops not in (1, 10):
+        raise ConfigError(f"--eval_crops={config.eval_crops}: 1 (centre) or 10 (§4.1's patches)")
+    if config.tower_devices and config.strategy != "towers":
+        raise ConfigError("--tower_devices places the two towers: it needs --strategy=towers")
+    if config.mirrored_devices and config.strategy != "mirrored":
+        raise ConfigError(f"--mirrored_devices are MirroredStrategy's replicas: not for --strategy={config.strategy}")
+    if config.profile_steps and (
+        len(config.profile_steps) != 2 or not 0 < config.profile_steps[0] <= config.profile_steps[1]
+    ):
+        raise ConfigError(f"--profile_steps={','.join(map(str, config.profile_steps))}: two steps, first <= last")
+
+
+def check_devices(config):
+    """The devices the flags name exist on this machine (TensorFlow would silently use others)."""
+    known = {d.name for d in tf.config.list_logical_devices()}
+    named = config.tower_devices or config.mirrored_devices
+    if config.strategy == "towers" and len(config.tower_devices) != 2:
+        raise ConfigError(f"--tower_devices={','.join(config.tower_devices)}: give two devices, e.g. /gpu:0,/gpu:1")
+    for device in named:
+        spec = tf.DeviceSpec.from_string(device)
+        name = f"/device:{(spec.device_type or '').upper()}:{spec.device_index or 0}"
+        if not any(k.endswith(name) for k in known):
+            raise ConfigError(f"device {device} does not exist here (there are {', '.join(sorted(known))})")
+
+
+def check_batch(config, replicas):
+    if config.batch_size % replicas:
+        raise ConfigError(
+            f"--batch_size={config.batch_size} does not split over {replicas} replicas: use a multiple of {replicas}"
+        )
+
+
+def load_data(config, *, replicas=1):
+    """The converted data, checked: every file there, statistics of the records' size, labels that agree."""
+    data_dir = config.data_dir
+    try:
+        summary = data_input.load_summary(data_dir)
+        stats = data_input.load_stats(data_dir)
+        labels = data_input.load_labels(data_dir)
+        files = {split: data_input.shard_files(data_dir, split) for split in ("train", "validation")}
+        sizes = {split: data_input.shard_sizes(files[split], summary, split) for split in files}
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"--data_dir={data_dir}: {e}") from None
+    for split in files:
+        if sizes[split].sum() == 0:
+            raise ConfigError(f"--data_dir={data_dir}: the {split} split has no images; convert a dataset that has")
+    size = summary.get("image_size", example_spec.IMAGE_SIZE)
+    if stats["mean_image"].shape != (size, size, 3):
+        raise ConfigError(
+            f"{os.path.join(data_dir, 'stats.npz')}: its mean image is {stats['mean_image'].shape[:2]}, the records "
+            f"are {size}x{size}: the statistics belong to another conversion; run build_tfrecords again"
+        )
+    if len(labels) != summary.get("classes", len(labels)):
+        raise ConfigError(
+            f"--data_dir={data_dir}: labels.txt lists {len(labels)} classes, summary.json {summary['classes']}: "
+            "the files come from different conversions; run build_tfrecords again"
+        )
+    _check_record_labels(files, labels)
+    steps = data_input.epoch_plan(sizes["train"], seed=config.seed, epoch=0, step_size=config.batch_size)[1]
+    if steps == 0:
+        raise ConfigError(f"--batch_size={config.batch_size} is more than the {sizes['train'].sum()} training images")
+    stats = dict(stats, mean_image=data_input.resize_mean_image(stats["mean_image"], config.image_size))
+    return Data(files, sizes, stats, labels)
+
+
+def _check_record_labels(files, labels):
+    """The first record of every shard carries a label and wnid that labels.txt agrees with (read in parallel:
+    ImageNet has 1,152 shards, maybe on an object store)."""
+    paths = [path for split in files.values() for path in split]
+    firsts = tf.data.Dataset.from_tensor_slices(paths).interleave(
+        lambda path: tf.data.TFRecordDataset(path).take(1).map(lambda record: (path, record)),
+        cycle_length=32,
+        num_parallel_calls=32,
+    )
+    for path, record in firsts:
+        features = example_spec.parse_example(record)
+        label, wnid = int(features[example_spec.LABEL]), features[example_spec.SYNSET].numpy().decode()
+        if not 0 <= label < len(labels) or labels[label][0] != wnid:
+            owner = labels[label][0] if 0 <= label < len(labels) else "no class"
+            raise ConfigError(
+                f"{path.numpy().decode()}: a record of {wnid} has label {label}, but labels.txt gives that label to "
+                f"{owner}: shards and labels.txt come from different conversions; run build_tfrecords again"
+            )
+
+
+def check_resume(config, model_dir):
+    """A model_dir holding a run with other settings is refused (resuming it would mix two recipes)."""
+    path = os.path.join(model_dir, "config.json")
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as f:
+        saved = json.load(f)
+    current = json.loads(json.dumps(config.to_json()))  # Tuples as lists, as saved.
+    changed = sorted(k for k in current if k not in recipe.Config.RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"--{k}={saved.get(k)} there, {current[k]} now" for k in changed)
+        raise ConfigError(
+            f"--model_dir={model_dir} holds a run with other settings ({details}): continue it with its own flags "
+            f"(--flagfile={os.path.join(model_dir, 'flags.txt')}) or start a new run in another --model_dir"
+        )
+
+
+def corrupt_shards(paths):
+    """The shards among `paths` that cannot be read to the end, with TensorFlow's reason."""
+    bad = []
+    for path in paths:
+        try:
+            for _ in tf.data.TFRecordDataset(path):
+                pass
+        except tf.errors.DataLossError as e:
+            bad.append((path, e.message))
+    return bad
+
+
+def finite(values, what):
+    if not np.all(np.isfinite(values)):
+        raise FloatingPointError(what)

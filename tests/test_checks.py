@@ -1,0 +1,139 @@
+"""Every mistake a user can make before the first training step is a clear error naming the flag or file."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from model import checks, recipe, training
+from tests.helpers import TWO_DEVICES, run
+
+
+def _config(data_dir, model_dir, **overrides):
+    values = dict(data_dir=str(data_dir), model_dir=str(model_dir), epochs=1, batch_size=16, image_size=64)
+    values.update(crop_size=64, mirrored_devices=TWO_DEVICES, eval_crops=1)
+    return recipe.Config(**{**values, **overrides})
+
+
+@pytest.fixture
+def data_copy(demo_data, tmp_path):
+    """A copy of the demo conversion to break."""
+    return shutil.copytree(demo_data, tmp_path / "data")
+
+
+def _refused(config, *phrases):
+    with pytest.raises(checks.ConfigError) as error:
+        training.train(config)
+    for phrase in phrases:
+        assert phrase in str(error.value), str(error.value)
+    assert not os.path.exists(os.path.join(config.model_dir, "checkpoints"))  # Nothing trained.
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("batch_size", 0), ("learning_rate", -0.01), ("learning_rate", 0.0), ("epochs", 0), ("log_every_steps", 0)],
+)
+def test_non_positive_settings(demo_data, tmp_path, flag, value):
+    _refused(_config(demo_data, tmp_path, **{flag: value}), f"--{flag}={value}", "must be positive")
+
+
+def test_crop_larger_than_the_image(demo_data, tmp_path):
+    _refused(_config(demo_data, tmp_path, crop_size=96), "--crop_size=96 is larger than --image_size=64")
+
+
+def test_batch_that_does_not_split_over_the_replicas(demo_data, tmp_path):
+    _refused(_config(demo_data, tmp_path, batch_size=127), "--batch_size=127 does not split over 2 replicas")
+
+
+@pytest.mark.parametrize("devices, missing", [(("/CPU:0", "/CPU:7"), "/CPU:7"), (("/gpu:0", "/gpu:1"), "/gpu:0")])
+def test_tower_devices_that_do_not_exist(demo_data, tmp_path, devices, missing):
+    config = _config(demo_data, tmp_path, strategy="towers", mirrored_devices=(), tower_devices=devices)
+    _refused(config, f"device {missing} does not exist here")
+
+
+def test_mirrored_devices_that_do_not_exist(demo_data, tmp_path):
+    _refused(_config(demo_data, tmp_path, mirrored_devices=("/CPU:0", "/gpu:0")), "device /gpu:0 does not exist")
+
+
+def test_tower_devices_without_the_towers_strategy(demo_data, tmp_path):
+    _refused(_config(demo_data, tmp_path, tower_devices=TWO_DEVICES), "--tower_devices", "--strategy=towers")
+
+
+def test_no_shards(data_copy, tmp_path):
+    for name in os.listdir(data_copy):
+        if name.startswith("train-"):
+            os.remove(data_copy / name)
+    _refused(_config(data_copy, tmp_path / "m"), "no train-*-of-* shards in --data_dir=", "pipeline.build_tfrecords")
+
+
+@pytest.mark.parametrize("name", ["summary.json", "stats.npz", "labels.txt"])
+def test_a_missing_conversion_file(data_copy, tmp_path, name):
+    os.remove(data_copy / name)
+    _refused(_config(data_copy, tmp_path / "m"), f"{data_copy / name} is missing", "build_tfrecords")
+
+
+def test_statistics_of_another_image_size(data_copy, tmp_path):
+    stats = dict(np.load(data_copy / "stats.npz"))
+    stats["mean_image"] = stats["mean_image"][::4, ::4]  # 64x64: made for another size.
+    np.savez(data_copy / "stats.npz", **stats)
+    _refused(_config(data_copy, tmp_path / "m"), "stats.npz: its mean image is (64, 64), the records are 256x256")
+
+
+def test_labels_file_and_summary_that_disagree(data_copy, tmp_path):
+    with open(data_copy / "labels.txt", "a") as f:
+        f.write("n99999999\n")
+    _refused(_config(data_copy, tmp_path / "m"), "labels.txt lists 11 classes, summary.json 10")
+
+
+def test_labels_file_and_records_that_disagree(data_copy, tmp_path):
+    wnids = (data_copy / "labels.txt").read_text().split()
+    (data_copy / "labels.txt").write_text("".join(f"{w}\n" for w in reversed(wnids)))
+    _refused(_config(data_copy, tmp_path / "m"), "but labels.txt gives that label to", "different conversions")
+
+
+def test_a_split_with_no_images(data_copy, tmp_path):
+    summary = json.loads((data_copy / "summary.json").read_text())
+    for name in os.listdir(data_copy):
+        if name.startswith("validation-"):
+            open(data_copy / name, "wb").close()
+    summary["validation"]["shard_sizes"] = [0] * len(summary["validation"]["shard_sizes"])
+    (data_copy / "summary.json").write_text(json.dumps(summary))
+    _refused(_config(data_copy, tmp_path / "m"), "the validation split has no images")
+
+
+def test_a_batch_larger_than_the_training_set(demo_data, tmp_path):
+    _refused(_config(demo_data, tmp_path, batch_size=128), "--batch_size=128 is more than the 63 training images")
+
+
+def test_a_loss_that_becomes_nan_stops_the_run(demo_data, tmp_path):
+    config = _config(demo_data, tmp_path, learning_rate=1e8, log_every_steps=1)
+    with pytest.raises(FloatingPointError, match=r"the loss is not a number at step \d: lower --learning_rate"):
+        training.train(config)
+    assert not os.path.exists(tmp_path / "eval.json")
+
+
+def test_a_corrupt_shard_stops_training_with_its_name(data_copy, tmp_path):
+    shard = sorted(p for p in os.listdir(data_copy) if p.startswith("train-"))[1]
+    data = bytearray((data_copy / shard).read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # Inside a record: its CRC no longer matches.
+    (data_copy / shard).write_bytes(bytes(data))
+    with pytest.raises(checks.DataError, match=f"a training shard is corrupt: {data_copy / shard} "):
+        training.train(_config(data_copy, tmp_path / "m"))
+
+
+def test_the_command_exits_non_zero_with_the_message(demo_data, tmp_path):
+    result = run("train.py", f"--data_dir={demo_data}", f"--model_dir={tmp_path}", "--learning_rate=-1", "--epochs=1")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "train.py: --learning_rate=-1.0: must be positive"
+    assert not os.path.exists(tmp_path / "flags.txt")  # Refused before anything was written.
+
+
+def test_config_dataclass_defaults_are_the_papers():
+    config = recipe.Config()
+    assert (config.batch_size, config.learning_rate, config.momentum, config.weight_decay) == (128, 0.01, 0.9, 0.0005)
+    assert (config.epochs, config.lr_drops, config.weight_std, config.dropout) == (90, 3, 0.01, 0.5)
+    assert (config.image_size, config.crop_size, config.lighting_std, config.eval_crops) == (256, 224, 0.1, 10)
+    assert dataclasses.replace(config, seed=1) != config

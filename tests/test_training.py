@@ -1,0 +1,284 @@
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from model import checkpoints, classifier, evaluation, recipe, training
+from tests.helpers import TWO_DEVICES
+
+NEXT_STEP = training._next_step
+STATS = {"mean_image": np.full((72, 72, 3), 120.0), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
+
+
+def _config(data_dir, model_dir, **overrides):
+    """Two epochs of the tiny demo set (63 training images: 3 steps of 16 an epoch) on two mirrored replicas,
+    with a checkpoint every 2 steps and a 4-step warm-up."""
+    values = dict(
+        data_dir=data_dir,
+        model_dir=str(model_dir),
+        epochs=2,
+        batch_size=16,
+        learning_rate=0.005,
+        weight_std=0.02,
+        warmup_steps=4,
+        lr_patience=1,
+        image_size=64,
+        crop_size=64,
+        mirrored_devices=TWO_DEVICES,
+        log_every_steps=1,
+        checkpoint_every_steps=2,
+    )
+    return recipe.Config(**{**values, **overrides})
+
+
+class Stopped(Exception):
+    """Stands for a kill: the run ends there, with whatever it saved before."""
+
+
+class Steps:
+    """Counts the training steps a run takes, and stops it (like a kill) before step `stop_before` + 1."""
+
+    def __init__(self, monkeypatch, stop_before=None):
+        self.taken, self.stop_before = [], stop_before
+
+        def counted(run, iterator, step, epoch):
+            if step == self.stop_before:
+                raise Stopped(f"stopped before step {step + 1}")
+            self.taken.append(step + 1)
+            return NEXT_STEP(run, iterator, step, epoch)
+
+        monkeypatch.setattr(training, "_next_step", counted)
+
+
+def _scalars(folder, tag):
+    acc = event_accumulator.EventAccumulator(folder, size_guidance={"tensors": 0, "images": 0, "histograms": 0})
+    acc.Reload()
+    return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)} if tag else acc
+
+
+def _steps_logged(folder, tag):
+    """Every step a tag was written at, across the folder's event files (duplicates kept)."""
+    steps = []
+    for name in os.listdir(folder):
+        acc = event_accumulator.EventAccumulator(os.path.join(folder, name), size_guidance={"tensors": 0})
+        acc.Reload()
+        if tag in acc.Tags()["tensors"]:
+            steps += [e.step for e in acc.Tensors(tag)]
+    return sorted(steps)
+
+
+@pytest.fixture(scope="module")
+def reference(demo_data, tmp_path_factory):
+    """An uninterrupted run: its model_dir and final evaluation."""
+    config = _config(demo_data, tmp_path_factory.mktemp("reference"))
+    return config, training.train(config)
+
+
+def test_a_run_writes_checkpoints_the_best_weights_and_the_final_evaluation(reference):
+    config, result = reference
+    folder = config.model_dir
+    assert {"checkpoints", "best", "eval.json", "config.json", "train", "validation", "eval"} <= set(os.listdir(folder))
+    with open(os.path.join(folder, "eval.json")) as f:
+        assert json.load(f) == result
+    assert result["images"] == 20 and result["crops"] == 10
+    assert 0.0 <= result["top5_error"] <= result["top1_error"] <= 1.0
+    assert sum(c["images"] for c in result["per_class"].values()) == 20 and len(result["per_class"]) == 10
+    state = tf.train.load_checkpoint(checkpoints.resolve(folder, "latest"))
+    assert state.get_tensor("state/step/.ATTRIBUTES/VARIABLE_VALUE") == 6  # 2 epochs of 3 steps.
+    with open(os.path.join(folder, "config.json")) as f:
+        assert recipe.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}) == config
+
+
+@pytest.mark.parametrize("stop_before, resumed_at", [(2, 2), (3, 3), (5, 4)])
+def test_a_stopped_run_resumes_exactly_where_its_checkpoint_was(
+    reference, monkeypatch, tmp_path, stop_before, resumed_at
+):
+    """Stopped in the warm-up (before step 3, checkpoint at 2), after epoch 1 (3 steps) and in epoch 2 one step
+    after its checkpoint (4): the same command continues from the checkpoint, takes only the steps after it, and
+    ends with the uninterrupted run's weights, bit for bit."""
+    config = dataclasses.replace(reference[0], model_dir=str(tmp_path))
+    with pytest.raises(Stopped):
+        Steps(monkeypatch, stop_before=stop_before)
+        training.train(config)
+    steps = Steps(monkeypatch)
+    result = training.train(config)
+    assert steps.taken == list(range(resumed_at + 1, 7))
+    assert result["weights_sha256"] == reference[1]["weights_sha256"]
+    assert result == reference[1]
+    for tag in ("loss", "learning_rate"):  # The stopped run's points after the checkpoint were dropped.
+        assert _steps_logged(os.path.join(config.model_dir, "train"), tag) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_stopped_in_its_final_evaluation_redoes_only_the_evaluation(reference, monkeypatch, tmp_path):
+    config = dataclasses.replace(reference[0], model_dir=str(tmp_path))
+    monkeypatch.setattr(training, "final_evaluation", lambda run: (_ for _ in ()).throw(Stopped("in evaluation")))
+    with pytest.raises(Stopped):
+        training.train(config)
+    monkeypatch.undo()
+    steps = Steps(monkeypatch)
+    assert training.train(config) == reference[1] and steps.taken == []
+
+
+def test_a_finished_run_started_again_says_so_and_keeps_its_results(reference, monkeypatch, capsys):
+    config, result = reference
+    eval_json = os.path.join(config.model_dir, "eval.json")
+    written = os.path.getmtime(eval_json)
+    steps = Steps(monkeypatch)
+    assert training.train(config) == result
+    assert steps.taken == [] and os.path.getmtime(eval_json) == written
+    assert "has finished training (2 epochs, 6 steps): nothing to do" in capsys.readouterr().out
+
+
+def test_a_model_dir_holding_a_run_with_other_settings_is_refused(reference):
+    config = dataclasses.replace(reference[0], learning_rate=0.01, seed=3)
+    with pytest.raises(training.checks.ConfigError, match=r"--learning_rate=0.005 there, 0.01 now.*--seed=0 there"):
+        training.train(config)
+    longer = dataclasses.replace(reference[0], epochs=3, log_every_steps=2)  # Allowed: a run may go on longer.
+    training.checks.check_resume(longer, longer.model_dir)
+
+
+def test_tensorboard_holds_every_step_and_every_epoch(reference):
+    config, result = reference
+    train, validation = (os.path.join(config.model_dir, split) for split in ("train", "validation"))
+    for tag in ("loss", "top1_error", "top5_error", "learning_rate", "images_per_second", "step_time_ms"):
+        assert _steps_logged(train, tag) == [1, 2, 3, 4, 5, 6], tag  # log_every_steps=1.
+    for tag in ("epoch/loss", "epoch/top1_error", "epoch/top5_error"):
+        assert _steps_logged(train, tag) == _steps_logged(validation, tag) == [3, 6], tag  # Both epochs.
+    learning_rates = _scalars(train, "learning_rate")
+    np.testing.assert_allclose([learning_rates[s] for s in range(1, 7)], [0.001, 0.002, 0.003, 0.004, 0.005, 0.005])
+    acc = _scalars(train, None)
+    assert sorted(e.step for e in acc.Tensors("conv1_filters")) == [3, 6]
+    assert sorted(e.step for e in acc.Tensors("inputs/augmented")) == [3, 6]  # At the epochs' steps (not at 8).
+    assert {f"weights/alexnet/{layer}/kernel" for layer in ("conv1_a", "fc8")} <= set(acc.Tags()["tensors"])
+    norms = [t for t in acc.Tags()["tensors"] if t.startswith("gradient_norm/")]
+    assert len(norms) == 30 and all(_scalars(train, t)[6] > 0 for t in norms[:3])
+    final = _scalars(os.path.join(config.model_dir, "eval"), "top1_error_10crop")
+    assert final == {6: pytest.approx(result["top1_error"])}
+
+
+def test_figure_3_image_is_conv1s_kernels(reference):
+    acc = _scalars(os.path.join(reference[0].model_dir, "train"), None)
+    png = acc.Tensors("conv1_filters")[-1].tensor_proto.string_val[2]  # [width, height, PNG].
+    image = tf.io.decode_png(png).numpy()
+    assert image.shape == (6 * 12, 16 * 12, 3)  # 96 kernels of 11x11 in rows of 16, 1 px apart.
+
+
+def test_logged_validation_error_is_that_of_the_validation_images(reference, demo_data):
+    config, _ = reference
+    logged = _scalars(os.path.join(config.model_dir, "validation"), "epoch/top1_error")[6]
+    data = training.checks.load_data(config)
+    model = classifier.build_classifier(10, data.stats, image_size=64, crop_size=64, lighting_std=0.1)
+    checkpoints.load(model, checkpoints.resolve(config.model_dir, "latest"))
+    strategy = tf.distribute.get_strategy()
+    files, sizes = data.files["validation"], data.sizes["validation"]
+    expected = evaluation.evaluate(
+        model, strategy, files, sizes, batch_size=7, image_size=64, crops=1, labels=data.labels
+    )
+    assert expected["images"] == 20  # Batches of 7: the last one padded, every image counted once.
+    assert logged == pytest.approx(expected["top1_error"], abs=1e-6)
+
+
+class _Model:
+    """A 'network' whose logits favour class 1 when the patch's top-left pixel is bright, else class 0."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+
+    def net(self, x, training=False):
+        bright = tf.cast(x[:, 0, 0, 0] > 100, tf.float32)
+        return tf.stack([10 * (1 - bright), 10 * bright], axis=1)
+
+    def __call__(self, images, training=False):
+        return self.net(self.preprocess(images, training=training))
+
+
+def test_ten_crop_evaluation_averages_softmax_over_the_ten_patches():
+    from model.augment import Preprocess
+
+    preprocess = Preprocess(16, 12, 0.0)
+    preprocess.set_statistics(np.zeros((16, 16, 3)), np.ones(3), np.eye(3))
+    model = _Model(preprocess)
+    images = np.zeros((1, 16, 16, 3), np.uint8)
+    images[0, 0, 0] = 255  # Only the top-left corner patch sees it: 1 of 10 patches votes 1.
+    probs = evaluation.predict(model, tf.constant(images), crops=10).numpy()
+    np.testing.assert_allclose(probs[0, 1], 0.1 * 1 + 0.9 * 0, atol=1e-3)
+    images[0, 2, 2] = 255  # The centre patch's top-left: the single centre crop now votes 1.
+    assert evaluation.predict(model, tf.constant(images), crops=1).numpy()[0].argmax() == 1
+
+
+def _step_on_replicas(strategy, model, step, images):
+    """The logits each replica computes in training mode at `step`, given the same images."""
+
+    @tf.function
+    def run():
+        return strategy.run(lambda: training.forward(model, images, step, seed=0))
+
+    return [t.numpy() for t in strategy.experimental_local_results(run())]
+
+
+def test_each_replica_draws_its_own_dropout_masks_and_augmentation():
+    """Keras' Dropout drew the same masks on every replica under MirroredStrategy (one seed generator state)."""
+    strategy = tf.distribute.MirroredStrategy(list(TWO_DEVICES))
+    with strategy.scope():
+        model = classifier.build_classifier(4, STATS, image_size=72, crop_size=64, lighting_std=0.0, dropout=0.5)
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 72, 72, 3), np.uint8))
+    first, second = _step_on_replicas(strategy, model, 7, images)
+    assert not np.allclose(first, second)
+    again = _step_on_replicas(strategy, model, 7, images)  # A function of (seed, step, replica): repeatable.
+    np.testing.assert_array_equal(again[0], first)
+    np.testing.assert_array_equal(again[1], second)
+    net = model.net  # Dropout alone (no crops: the same input to fc6 on both replicas) differs too.
+    x = tf.random.normal((2, 64, 64, 3), stddev=50.0)
+    masks = strategy.run(
+        tf.function(lambda: net(x, training=True, seed=training.replica_seed(0, tf.constant(7, tf.int64))))
+    )
+    a, b = (t.numpy() for t in strategy.experimental_local_results(masks))
+    assert not np.allclose(a, b)
+
+
+def _tiny_step(strategy, precision="float32", tower_devices=None):
+    config = recipe.Config(batch_size=8, precision=precision, learning_rate=0.01, weight_std=0.02)
+    with strategy.scope():
+        model = classifier.build_classifier(
+            4, STATS, image_size=72, crop_size=64, lighting_std=0.1, precision=precision, tower_devices=tower_devices
+        )
+        optimizer = training.make_optimizer(config)
+        optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    data = (rng.integers(0, 256, (8, 72, 72, 3), dtype=np.uint8), rng.integers(0, 4, 8).astype(np.int32))
+    dataset = strategy.distribute_datasets_from_function(
+        lambda ctx: tf.data.Dataset.from_tensors(data).unbatch().batch(ctx.get_per_replica_batch_size(8)).repeat()
+    )
+    return model, optimizer, training.make_train_step(model, optimizer, strategy, config), iter(dataset)
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_each_precision_trains_with_float32_weights_and_loss_scaling_for_float16(precision):
+    model, optimizer, step, iterator = _tiny_step(tf.distribute.get_strategy(), precision)
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    for i in range(2):
+        metrics = step(iterator, tf.constant(i, tf.int64)).numpy()
+    assert np.isfinite(metrics).all() and metrics[3] == 8
+    assert all(w.dtype == "float32" for w in model.trainable_weights)
+    changed = [not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights, strict=True)]
+    assert all(changed), [w.path for w, c in zip(model.trainable_weights, changed, strict=True) if not c]
+
+
+def test_towers_on_two_devices_train_every_weight_where_it_lives():
+    model, optimizer, step, iterator = _tiny_step(
+        training.make_strategy(recipe.Config(strategy="towers")), tower_devices=TWO_DEVICES
+    )
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    for i in range(2):
+        step(iterator, tf.constant(i, tf.int64))
+    changed = [not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights, strict=True)]
+    assert all(changed)
+    for w, momentum in zip(model.trainable_weights, optimizer.momentums, strict=True):  # Momentum beside weights.
+        expected = "CPU:1" if w.path.split("/")[1].endswith("_b") else "CPU:0"
+        assert w.value.device.endswith(expected) and momentum.value.device.endswith(expected), w.path
