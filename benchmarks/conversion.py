@@ -2,8 +2,8 @@ r"""Conversion speed and memory: a plain PIL loop vs the Beam job on the DirectR
 
     python benchmarks/conversion.py [--images=2000] [--workers=0 (one per core)] [--layout=folder|tar]
 
-Makes ImageNet-like photos (the longer side 500 px, JPEG quality 90, like the median ImageNet file) from the real
-photos in ../shared/data/photos when present (random crops of them), else from the demo set's drawings. Runs the
+Makes ImageNet-like photos (the longer side 500 px, JPEG quality 90, like the median ImageNet file) from real
+photos given by --photos (random crops of them), else from the demo set's drawings. Runs the
 whole Beam job at N and 2N images, and a plain single-process PIL loop (decode, resize, crop, encode) over N of
 the same photos just before and just after each job (the machine is shared; its speed drifts). For each size it
 prints the conversion's rate as the job reports it (images / seconds from the first shard started to the last
@@ -36,16 +36,16 @@ _MODE = flags.DEFINE_enum(
     "mode", "multi_threading", ["multi_processing", "multi_threading"], "DirectRunner's --direct_running_mode."
 )
 _LAYOUT = flags.DEFINE_enum("layout", "folder", ["folder", "tar"], "Extracted folders or the downloaded tar form.")
+_PHOTOS = flags.DEFINE_string("photos", None, "Glob of real photos to crop the test images from; default: drawings.")
 
-PHOTOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "photos", "train", "*", "*.JPEG")
 CLASSES = 10
 IMAGENET_IMAGES = 1_281_167 + 50_000
 
 
 def _sources(rng):
-    paths = sorted(glob.glob(PHOTOS))
+    paths = sorted(glob.glob(_PHOTOS.value)) if _PHOTOS.value else []
     if paths:
-        return [Image.open(p).convert("RGB") for p in paths], "real photos (../shared/data/photos)"
+        return [Image.open(p).convert("RGB") for p in paths], f"real photos ({_PHOTOS.value})"
     return [demo_data.draw_image(i, rng) for i in range(len(demo_data.CLASSES))], "demo drawings"
 
 

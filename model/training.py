@@ -31,8 +31,8 @@ class TrainState(tf.Module):
     def __init__(self):
         super().__init__()
         int64 = dict(dtype=tf.int64, trainable=False)
+        # Steps done; epochs done (trained, validated, schedule updated); steps done in the current epoch.
         self.step, self.epoch, self.epoch_step = (tf.Variable(0, **int64) for _ in range(3))
-        self.validated = tf.Variable(0, **int64)  # Epochs whose validation and schedule update are done.
         self.best = tf.Variable(np.inf, dtype=tf.float64, trainable=False)
         self.wait, self.drops = tf.Variable(0, **int64), tf.Variable(0, **int64)
         self.epoch_sums = tf.Variable(np.zeros(4), dtype=tf.float64, trainable=False)  # loss, top-1, top-5, images
@@ -95,10 +95,16 @@ def make_train_step(model, optimizer, strategy, config):
         top1, top5 = (tf.reduce_sum(evaluation.top_k_misses(labels, logits, k)) for k in (1, 5))
         return tf.stack([tf.reduce_sum(losses), top1, top5, tf.cast(tf.size(labels), tf.float32)])
 
+    def run(batch, step):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, (*batch, step)), None)
+
     @tf.function
     def train_step(iterator, step):
-        images, labels = next(iterator)
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, (images, labels, step)), None)
+        if not config.data_service:  # Steps counted from the epoch's plan.
+            return run(next(iterator), step)
+        # From a tf.data service the epoch ends when its workers have no more whole batches: zeros then.
+        batch = iterator.get_next_as_optional()
+        return tf.cond(batch.has_value(), lambda: run(batch.get_value(), step), lambda: tf.zeros(4))
 
     return train_step
 
@@ -194,6 +200,7 @@ class Run:
                 skip_steps=skip_steps,
                 deterministic=config.deterministic,
                 data_service=config.data_service or None,
+                job=f"alexnet-{hashlib.sha1(config.model_dir.encode()).hexdigest()[:12]}",  # This run's.
             )
         )
 
@@ -250,7 +257,11 @@ def train_epoch(run, epoch, progress):
         if profile and step + 1 == profile[0]:
             tf.profiler.experimental.start(os.path.join(config.model_dir, "train"))
         with tf.profiler.experimental.Trace("train", step_num=step + 1, _r=1):  # _r=1 marks a step.
-            interval.add(_next_step(run, iterator, step, epoch))
+            metrics = _next_step(run, iterator, step, epoch)
+        if config.data_service and metrics.numpy()[3] == 0:
+            steps = epoch_step - 1  # The service's epoch ended (each of its workers drops a partial batch).
+            break
+        interval.add(metrics)
         step += 1
         if profile and step == profile[1]:
             interval.pending[-1].numpy()
@@ -291,7 +302,7 @@ def end_epoch(run, epoch, sums, progress, seconds):
     validation = run.evaluate(crops=1)
     before = state.plateau
     plateau = before.update(validation["top1_error"], config.lr_patience, config.lr_drops)
-    _set_state(state, best=plateau.best, wait=plateau.wait, drops=plateau.drops, validated=epoch + 1)
+    _set_state(state, best=plateau.best, wait=plateau.wait, drops=plateau.drops)
     step = int(state.step.numpy())
     train = summaries.mean_metrics(sums)
     lr = _learning_rate(run, step)
@@ -352,9 +363,8 @@ def train(config, flags_text=None):
     start = run.restore()
     state = run.state
     epochs_steps = [run.steps_in_epoch(e) for e in range(config.epochs)]
-    done = start == sum(epochs_steps) and int(state.validated.numpy()) == config.epochs
     eval_path = os.path.join(config.model_dir, "eval.json")
-    if done and tf.io.gfile.exists(eval_path):
+    if int(state.epoch.numpy()) >= config.epochs and tf.io.gfile.exists(eval_path):
         print(f"{config.model_dir} has finished training ({config.epochs} epochs, {start} steps): nothing to do")
         with tf.io.gfile.GFile(eval_path) as f:
             return json.load(f)
@@ -372,11 +382,5 @@ def train(config, flags_text=None):
     progress = summaries.Progress(sum(epochs_steps), config.epochs, config.batch_size, start, enabled=run.chief)
     for epoch in range(int(state.epoch.numpy()), config.epochs):
         began = time.monotonic()
-        sums = (
-            train_epoch(run, epoch, progress)
-            if int(state.epoch_step.numpy()) < epochs_steps[epoch]
-            else state.epoch_sums.numpy()
-        )
-        if int(state.validated.numpy()) <= epoch:
-            end_epoch(run, epoch, sums, progress, time.monotonic() - began)
+        end_epoch(run, epoch, train_epoch(run, epoch, progress), progress, time.monotonic() - began)
     return final_evaluation(run)

@@ -140,6 +140,7 @@ def train_dataset(
     skip_steps=0,
     deterministic=True,
     data_service=None,
+    job="alexnet",
 ):
     """Epoch `epoch` of the training set for one input pipeline: batches of (uint8 images, int32 labels) of
     `batch_size` (per replica), `replicas` batches a step, the first `skip_steps` steps left out. Decoding runs
@@ -147,14 +148,14 @@ def train_dataset(
 
     With `data_service` (grpc://HOST:PORT of a tf.data service dispatcher) the reading and decoding run on the
     service's workers, which take groups as they become free ("distributed_epoch"): every image once per epoch,
-    whatever the number of workers. The order then depends on their timing, and a resumed epoch skips whole
-    groups only."""
+    whatever the number of workers. Consumers naming the same `job` share its epochs (the workers of one run);
+    a resumed run rejoins the epoch where the service is. The order depends on the workers' timing."""
     if data_service:
         pipeline, pipelines = 0, 1  # The service deals the groups to its workers and the batches to consumers.
     step_size = batch_size * replicas
     plan = dict(seed=seed, epoch=epoch, step_size=step_size, pipeline=pipeline, pipelines=pipelines)
     groups, steps = epoch_plan(sizes, **plan)
-    skip, first = skip_steps * step_size, 0
+    skip, first = (0 if data_service else skip_steps * step_size), 0  # The service's job knows where it is.
     while first < len(groups) and sizes[groups[first]].sum() <= skip:  # Whole groups: never opened.
         skip -= int(sizes[groups[first]].sum())
         first += 1
@@ -162,8 +163,7 @@ def train_dataset(
     ds = tf.data.Dataset.from_tensor_slices((tf.range(first, len(groups)), names))
     ds = ds.map(lambda group, names: _shuffled_group(group, names, seed, epoch)).prefetch(1)
     ds = ds.flat_map(tf.data.Dataset.from_tensor_slices)
-    if not data_service:
-        ds = ds.skip(skip)  # Serialized records: read, not decoded.
+    ds = ds.skip(skip)  # Serialized records: read, not decoded.
     ds = ds.map(lambda r: decode(r, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
     if data_service:
@@ -171,7 +171,9 @@ def train_dataset(
             tf.data.experimental.service.distribute(
                 processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
                 service=data_service,
-                job_name=f"alexnet-train-seed{seed}-epoch{epoch}",
+                job_name=f"{job}-epoch{epoch}",
+                # Decoded pixels barely compress, and compressing them cost more than sending them (README).
+                compression=None,
             )
         )
     else:

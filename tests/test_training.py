@@ -282,3 +282,26 @@ def test_towers_on_two_devices_train_every_weight_where_it_lives():
     for w, momentum in zip(model.trainable_weights, optimizer.momentums, strict=True):  # Momentum beside weights.
         expected = "CPU:1" if w.path.split("/")[1].endswith("_b") else "CPU:0"
         assert w.value.device.endswith(expected) and momentum.value.device.endswith(expected), w.path
+
+
+def test_profiled_steps_are_marked_for_the_step_time_and_input_pipeline_pages(demo_data, tmp_path):
+    """Keras' TensorBoard callback marks steps without _r=1, which leaves the profiler's step pages empty."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    training.train(_config(demo_data, tmp_path, epochs=1, profile_steps=(2, 3), eval_crops=1))
+    (path,) = tf.io.gfile.glob(os.path.join(tmp_path, "train", "plugins", "profile", "*", "*.xplane.pb"))
+    with open(path, "rb") as f:
+        space = xplane_pb2.XSpace.FromString(f.read())
+    steps, iterator_events = [], 0
+    for plane in space.planes:
+        events = {k: v.name for k, v in plane.event_metadata.items()}
+        stats = {k: v.name for k, v in plane.stat_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                name = events[event.metadata_id]
+                iterator_events += name.startswith("Iterator::")
+                if name == "train":
+                    marks = {stats[s.metadata_id]: s.int64_value or s.uint64_value for s in event.stats}
+                    steps.append((marks["step_num"], marks["_r"]))
+    assert sorted(steps) == [(2, 1), (3, 1)]  # The step-time page's steps.
+    assert iterator_events > 0  # The input-pipeline page's tf.data events.

@@ -1,0 +1,223 @@
+r"""The training input at GPU scale: the reader against a plain tf.data pipeline, through a tf.data service, and
+feeding a training step, each measured against its reference in the same run.
+
+    python benchmarks/input_pipeline.py [--images=4096] [--rounds=5] [--photos='GLOB'] [--step_rounds=3]
+
+Writes --images records as the converter does (256x256 JPEG, quality 90, 16 shards), made from real photos given
+by --photos (random crops) or else the demo set's drawings. The machine is shared, so every round times each
+contestant once, in turn, and the figures are medians over rounds of per-round ratios:
+1. reader / plain: pipeline/input.py's train_dataset (group shuffle, parse with the Example spec, decode in order,
+   batch, prefetch) vs TFRecordDataset -> parse -> decode_jpeg -> batch over the same shards and cores.
+2. service / in-process: the same reader served by a tf.data service dispatcher and two worker processes on
+   loopback (python -m pipeline.data_service), and the CPU the training process spends per image either way:
+   here the workers share this machine's cores with it; on separate hosts only the receiving side stays.
+3. real / synthetic: the paper's training step (224 crops, batch 128) fed by the reader vs by one in-memory batch.
+Last: decoding images/s per core, and how many host cores (or service workers) one GPU at 20,000 images/s needs.
+"""
+
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+from PIL import Image
+
+from model import recipe, training
+from pipeline import demo_data, example_spec, images
+from pipeline import input as data_input
+
+_IMAGES = flags.DEFINE_integer("images", 4096, "Training records to write and read.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds of the reader comparisons.")
+_STEP_ROUNDS = flags.DEFINE_integer("step_rounds", 3, "Rounds of the training-step comparison (0: skip it).")
+_STEPS = flags.DEFINE_integer("steps", 4, "Training steps timed per contestant and round.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Images per batch.")
+_PHOTOS = flags.DEFINE_string("photos", None, "Glob of real photos to crop the records from; default: drawings.")
+GPU_IMAGES_PER_SECOND = 20_000
+SHARDS = 16
+
+
+def _sources(rng):
+    paths = sorted(tf.io.gfile.glob(_PHOTOS.value)) if _PHOTOS.value else []
+    if paths:
+        return [Image.open(p).convert("RGB") for p in paths], f"real photos ({_PHOTOS.value})"
+    return [demo_data.draw_image(i, rng) for i in range(len(demo_data.CLASSES))], "demo drawings"
+
+
+def write_records(folder, count, seed=0):
+    """count converted records in SHARDS shards and a summary.json, as build_tfrecords writes them."""
+    rng = np.random.default_rng(seed)
+    sources, kind = _sources(rng)
+    writers = [tf.io.TFRecordWriter(os.path.join(folder, f"train-{i:05d}-of-{SHARDS:05d}")) for i in range(SHARDS)]
+    sizes = [0] * SHARDS
+    for i in range(count):
+        img = sources[i % len(sources)]
+        w, h = img.size
+        side = int(min(w, h) * rng.uniform(0.5, 1.0))
+        left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        out = io.BytesIO()
+        img.crop((left, top, left + side, top + side)).save(out, "JPEG", quality=90)
+        jpeg, pixels = images.convert(out.getvalue())
+        record = example_spec.make_example(
+            jpeg=jpeg, height=256, width=256, label=i % 10, synset=f"n{i % 10:08d}", filename=f"{i}.JPEG"
+        )
+        writers[i % SHARDS].write(record)
+        sizes[i % SHARDS] += 1
+    for writer in writers:
+        writer.close()
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump({"train": {"shard_sizes": sizes}}, f)
+    return kind
+
+
+def plain(files):
+    """The reference: read, parse, decode, batch, prefetch; nothing else."""
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
+    ds = ds.map(
+        lambda r: tf.io.decode_jpeg(example_spec.parse_example(r)[example_spec.ENCODED], channels=3),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return ds.batch(_BATCH.value, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def images_per_second(dataset):
+    """Steady state: images/s and this process's CPU ms per image, from the first batch to the last."""
+    iterator = iter(dataset)
+    next(iterator)  # Start-up (pipeline warm-up, a service job's creation) is not throughput.
+    start, cpu, count = time.perf_counter(), time.process_time(), 0
+    for batch in iterator:
+        count += int(tf.shape(batch[0] if isinstance(batch, tuple) else batch)[0])
+    return count / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / count
+
+
+def compare(contestants, rounds):
+    """name -> [(images/s, CPU ms per image) per round], every contestant once a round, in turn (after one
+    warm-up round)."""
+    rates = {name: [] for name in contestants}
+    for round_ in range(rounds + 1):
+        for name, make in contestants.items():
+            rate = images_per_second(make())
+            if round_:
+                rates[name].append(rate)
+    return rates
+
+
+def start_service(workers=2):
+    """A dispatcher and worker processes on loopback, as users start them; returns (address, processes)."""
+    command = [sys.executable, "-m", "pipeline.data_service"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    (port,) = _free_ports(1)
+    processes = [subprocess.Popen([*command, "--role=dispatcher", f"--port={port}"], env=env)]
+    for _ in range(workers):
+        processes.append(subprocess.Popen([*command, "--role=worker", f"--dispatcher=localhost:{port}"], env=env))
+    return f"grpc://localhost:{port}", processes
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def report(rates, name, reference, target):
+    ratios = [a[0] / b[0] for a, b in zip(rates[name], rates[reference], strict=True)]
+    rate, ref = (statistics.median(r[0] for r in rates[n]) for n in (name, reference))
+    cpu, ref_cpu = (statistics.median(r[1] for r in rates[n]) for n in (name, reference))
+    print(
+        f"  {name}: {rate:.0f} img/s vs {reference} {ref:.0f} img/s: {statistics.median(ratios):.2f} (median of "
+        f"{len(ratios)} rounds' ratios, {min(ratios):.2f}-{max(ratios):.2f}; target >= {target}); this process's "
+        f"CPU {cpu:.2f} vs {ref_cpu:.2f} ms per image"
+    )
+    return statistics.median(ratios)
+
+
+def step_rates(files, sizes, rounds):
+    """The paper's step at batch 128 fed by the reader vs by an in-memory batch: images/s per round each."""
+    config = recipe.Config(batch_size=_BATCH.value, mirrored_devices=("/device:CPU:0",))
+    strategy = training.make_strategy(config)
+    stats = {"mean_image": np.full((256, 256, 3), 120.0), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
+    with strategy.scope():
+        from model import classifier
+
+        model = classifier.build_classifier(1000, stats, image_size=256, crop_size=224, lighting_std=0.1)
+        optimizer = training.make_optimizer(config)
+        optimizer.build(model.trainable_variables)
+    step = training.make_train_step(model, optimizer, strategy, config)
+    batch = next(iter(data_input.train_dataset(files, sizes, seed=0, epoch=0, batch_size=_BATCH.value)))
+    sources = {
+        "synthetic": lambda: tf.data.Dataset.from_tensors(batch).repeat(),
+        "reader": lambda: data_input.train_dataset(files, sizes, seed=0, epoch=0, batch_size=_BATCH.value).repeat(),
+    }
+    iterators = {
+        name: iter(strategy.distribute_datasets_from_function(lambda _, m=make: m())) for name, make in sources.items()
+    }
+    rates = {name: [] for name in sources}
+    for round_ in range(rounds + 1):
+        for name, iterator in iterators.items():
+            start, cpu = time.perf_counter(), time.process_time()
+            for i in range(_STEPS.value):
+                metrics = step(iterator, tf.constant(i, tf.int64))
+            metrics.numpy()
+            images = _STEPS.value * _BATCH.value
+            if round_:
+                rates[name].append(
+                    (images / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / images)
+                )
+    return rates
+
+
+def main(argv):
+    del argv
+    folder = tempfile.mkdtemp()
+    kind = write_records(folder, _IMAGES.value)
+    files = data_input.shard_files(folder, "train")
+    sizes = data_input.shard_sizes(files, data_input.load_summary(folder), "train")
+    cores = os.cpu_count()
+    kib = sum(os.path.getsize(f) for f in files) / sizes.sum() / 1024
+    print(f"{_IMAGES.value} records from {kind}, {kib:.0f} KiB each; {cores} cores")
+
+    def reader(**kwargs):
+        return lambda: data_input.train_dataset(files, sizes, seed=0, epoch=0, batch_size=_BATCH.value, **kwargs)
+
+    service, servers = start_service()
+    jobs = iter(range(10**6))
+    try:
+        rates = compare(
+            {
+                "plain": lambda: plain(files),
+                "reader": reader(),
+                "reader, order not kept": reader(deterministic=False),
+                "service": lambda: reader(data_service=service, job=f"bench{next(jobs)}")(),  # A job per epoch.
+            },
+            _ROUNDS.value,
+        )
+    finally:
+        for server in servers:
+            server.terminate()
+    print("Reading (images/s delivered, uint8 256x256 batches of 128):")
+    report(rates, "reader", "plain", 0.9)
+    report(rates, "reader, order not kept", "plain", 0.9)
+    report(rates, "service", "reader", 0.9)
+    per_core = statistics.median(r[0] for r in rates["plain"]) / cores
+    print(
+        f"Decoding: {per_core:.0f} images/s per core here: one GPU at {GPU_IMAGES_PER_SECOND:,} images/s needs "
+        f"{GPU_IMAGES_PER_SECOND / per_core:.0f} such cores (or tf.data service workers' worth of them)"
+    )
+    if _STEP_ROUNDS.value:
+        print(f"Training step (224 crops, batch {_BATCH.value}, one replica):")
+        report(step_rates(files, sizes, _STEP_ROUNDS.value), "reader", "synthetic", 0.95)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,94 @@
+"""The long-run path as users meet it: a real train.py killed with SIGKILL, and TensorBoard reading a run.
+`make test-slow`."""
+
+import json
+import os
+import re
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from tests.helpers import free_ports, output, run, start
+
+pytestmark = pytest.mark.slow
+
+FLAGS = [
+    "--flagfile=configs/demo.flags",
+    "--epochs=4",
+    "--batch_size=16",
+    "--image_size=64",
+    "--crop_size=64",
+    "--warmup_steps=10",
+    "--log_every_steps=1",
+    "--checkpoint_every_steps=4",
+]
+
+
+def _wait_for(process, pattern, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        process.log.seek(0)
+        match = re.findall(pattern, process.log.read())
+        if match:
+            return match
+        assert process.poll() is None, "train.py ended before the kill"
+        time.sleep(0.2)
+    raise TimeoutError(pattern)
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_with_the_same_weights(demo_data, tmp_path):
+    reference = run("train.py", *FLAGS, f"--data_dir={demo_data}", f"--model_dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    args = ["train.py", *FLAGS, f"--data_dir={demo_data}", f"--model_dir={tmp_path / 'killed'}"]
+    process = start(*args)
+    _wait_for(process, r"step 5/12 ")  # Epoch 2 of 4 (63 images: 3 steps of 16 each), after a checkpoint at 4.
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed = run(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    start_step = int(re.search(r"Resuming \S+ at step (\d+): epoch 2, step \d of it", resumed.stdout).group(1))
+    assert 4 <= start_step <= 5  # At most one checkpoint interval (4 steps) redone: here at most one step.
+    steps = [int(s) for s in re.findall(r"^step (\d+)/12", resumed.stdout, re.M)]
+    assert steps == list(range(start_step + 1, 13))
+    digest = re.compile(r"weights sha256 ([0-9a-f]{16})")
+    assert digest.search(resumed.stdout).group(1) == digest.search(reference.stdout).group(1)
+    with open(tmp_path / "killed" / "eval.json") as f, open(tmp_path / "reference" / "eval.json") as g:
+        assert json.load(f) == json.load(g)
+
+
+def test_tensorboard_serves_the_runs_curves_images_and_histograms(demo_data, tmp_path):
+    result = run("train.py", *FLAGS, "--epochs=2", f"--data_dir={demo_data}", f"--model_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (port,) = free_ports(1)
+    board = start("-m", "tensorboard.main", f"--logdir={tmp_path}", "--host=127.0.0.1", f"--port={port}")
+    try:
+        base = f"http://127.0.0.1:{port}/data/plugin"
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/scalars/tags", timeout=5) as response:
+                    scalars = json.load(response)
+                if {"train", "validation", "eval"} <= set(scalars):
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, output(board, timeout=1)
+            time.sleep(1)
+        with urllib.request.urlopen(f"{base}/images/tags", timeout=5) as response:
+            images = json.load(response)
+        with urllib.request.urlopen(f"{base}/histograms/tags", timeout=5) as response:
+            histograms = json.load(response)
+        url = f"{base}/scalars/scalars?run=validation&tag=epoch%2Ftop1_error"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            validation = json.load(response)
+    finally:
+        board.send_signal(signal.SIGTERM)
+        board.wait()
+    assert {"loss", "top1_error", "learning_rate", "images_per_second", "epoch/top1_error"} <= set(scalars["train"])
+    assert {"epoch/loss", "epoch/top1_error", "epoch/top5_error"} <= set(scalars["validation"])
+    assert {"top1_error_10crop", "top5_error_10crop"} <= set(scalars["eval"])
+    assert {"conv1_filters", "inputs/augmented"} <= set(images["train"])
+    assert "weights/alexnet/fc6_a/kernel" in histograms["train"]
+    assert [point[1] for point in validation] == [3, 6]  # Both epochs, at their last steps.
