@@ -13,7 +13,7 @@ import sys
 import tensorflow as tf
 from absl import app, flags, logging
 
-from model import checks, recipe, training
+from model import checks, devices, recipe, training
 
 D = recipe.Config()  # The paper's values: the flags' defaults.
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with the shards, stats.npz and summary.json.", required=True)
@@ -44,6 +44,9 @@ _STRATEGY = flags.DEFINE_enum(
 _MIRRORED_DEVICES = flags.DEFINE_list("mirrored_devices", [], "Replicas of --strategy=mirrored; default every GPU.")
 _TOWER_DEVICES = flags.DEFINE_list("tower_devices", [], "The two devices of --strategy=towers, e.g. /gpu:0,/gpu:1.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 1, "Split the CPU into this many logical devices.", lower_bound=1)
+_OP_DETERMINISM = flags.DEFINE_bool(
+    "op_determinism", False, "Deterministic kernels (on GPUs some are not): bit-exact resumes, at some speed."
+)
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", D.deterministic, "Decode in order (exact resume, repeatable).")
 _DATA_SERVICE = flags.DEFINE_string("data_service", D.data_service, "grpc://HOST:PORT of a tf.data service.")
 _LOG_EVERY = flags.DEFINE_integer("log_every_steps", D.log_every_steps, "Steps between progress lines and scalars.")
@@ -72,9 +75,9 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:  # Progress is printed; TensorFlow's INFO lines are noise here.
         logging.set_verbosity(logging.WARNING)
-    if _CPU_DEVICES.value > 1:  # Before TensorFlow starts its runtime.
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * _CPU_DEVICES.value)
+    devices.split_cpu(_CPU_DEVICES.value)  # Before TensorFlow starts its runtime.
+    if _OP_DETERMINISM.value:
+        tf.config.experimental.enable_op_determinism()
     config = config_from_flags()
     flags_text = "".join(f"{flag.serialize()}\n" for flag in flags.FLAGS.get_flags_for_module(sys.argv[0]))
     try:

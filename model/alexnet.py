@@ -97,7 +97,12 @@ class AlexNet(keras.Model):
         self.call(tf.zeros((1, *input_shape[1:])))
 
     def call(self, images, training=False, seed=None):
-        """Figure 2, bottom to top. `seed` (a stateless seed, shape [2]) draws the dropout masks in training."""
+        """Figure 2, bottom to top (below: up to fc7), then fc8. `seed` (a stateless seed, shape [2]) draws the
+        dropout masks in training."""
+        return self.fc8(self.features(images, training=training, seed=seed))
+
+    def features(self, images, training=False, seed=None):
+        """fc7's output, both towers' 2048 units: the feature vectors §6.1 compares images by."""
         x = tf.pad(images, CONV1_PAD)
         a = self.pool1_a(self.lrn1_a(self.conv1_a(x)))
         b = self.pool1_b(self.lrn1_b(self.conv1_b(x)))
@@ -112,7 +117,7 @@ class AlexNet(keras.Model):
         x = tf.concat([a, b], axis=-1)
         a = self.dropout7_a(self.fc7_a(x), training=training, seed=seed)
         b = self.dropout7_b(self.fc7_b(x), training=training, seed=seed)
-        return self.fc8(tf.concat([a, b], axis=-1))
+        return tf.concat([a, b], axis=-1)
 
     def get_config(self):
         return {

@@ -1,12 +1,16 @@
 """Where a run's weights live, and loading them into a Classifier: TensorFlow checkpoints, and the Keras
 `.weights.h5` files that runs wrote before the training loop kept TensorFlow checkpoints."""
 
+import json
 import os
 import re
 
 import h5py
 import numpy as np
 import tensorflow as tf
+
+from model import classifier
+from pipeline import input as data_input
 
 CHECKPOINTS = "checkpoints"  # The latest few, with everything a resumed run needs.
 BEST = "best"  # The weights of the epoch with the lowest validation top-1 error.
@@ -72,3 +76,34 @@ def _load_weights_h5(classifier, path):
         if tuple(variable.shape) != found[name].shape:
             raise ValueError(f"{path}: {name} has shape {found[name].shape}, the model {tuple(variable.shape)}")
         variable.assign(np.asarray(found[name], variable.dtype))
+
+
+def run_settings(model_dir):
+    """(the run's config.json as a dict, its classes [(wnid, name)]), as train.py wrote them into model_dir."""
+    path = os.path.join(model_dir, "config.json")
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"--model_dir={model_dir} holds no config.json: is it a train.py run's folder?")
+    with tf.io.gfile.GFile(path) as f:
+        settings = json.load(f)
+    has_labels = tf.io.gfile.exists(os.path.join(model_dir, "labels.txt"))  # Runs before it kept a copy: the data's.
+    return settings, data_input.load_labels(model_dir if has_labels else settings["data_dir"])
+
+
+def restore_classifier(model_dir, which="latest", precision="float32", tower_devices=None):
+    """A run's Classifier with the weights and statistics of its checkpoint `which` (resolve); returns
+    (model, settings, labels, checkpoint path). Build it under a strategy's scope to place it there."""
+    settings, labels = run_settings(model_dir)
+    size = settings["image_size"]
+    stats = {"mean_image": np.zeros((size, size, 3)), "eigenvalues": np.zeros(3), "eigenvectors": np.eye(3)}
+    model = classifier.build_classifier(
+        len(labels),
+        stats,  # The checkpoint holds the statistics the run trained with.
+        image_size=size,
+        crop_size=settings["crop_size"],
+        lighting_std=settings["lighting_std"],
+        precision=precision,
+        tower_devices=tower_devices,
+    )
+    path = resolve(model_dir, which)
+    load(model, path)
+    return model, settings, labels, path

@@ -357,6 +357,9 @@ def train(config, flags_text=None):
     if run.chief:
         with tf.io.gfile.GFile(os.path.join(config.model_dir, "config.json"), "w") as f:
             json.dump(config.to_json(), f, indent=2)
+        labels = "".join(f"{wnid}\t{name}\n" for wnid, name in data.labels)  # The run names its own classes.
+        with tf.io.gfile.GFile(os.path.join(config.model_dir, "labels.txt"), "w") as f:
+            f.write(labels)
         if flags_text is not None:
             with tf.io.gfile.GFile(os.path.join(config.model_dir, "flags.txt"), "w") as f:
                 f.write(flags_text)

@@ -6,7 +6,8 @@ RAW holds the extracted train/<wnid>/ and val/ folders, or the downloaded ILSVRC
 ILSVRC2012_img_val.tar, read in place without extracting (pipeline/sources.py).
 
 Writes to OUT: train-SSSSS-of-NNNNN and validation-SSSSS-of-NNNNN shards, stats.npz / stats.json (mean image and
-RGB PCA, from the training images), labels.txt (label i is line i's wnid), rejected.tsv (every file not written,
+RGB PCA, from the training images), labels.txt (label i is line i's wnid, and its name when known),
+rejected.tsv (every file not written,
 with its reason) and summary.json (seen = written + rejected per split; written last, so it marks a whole output).
 Flags this module does not know are Beam pipeline options; on DirectRunner both cores are used unless told otherwise.
 """
@@ -31,6 +32,12 @@ _VAL_LABELS = flags.DEFINE_string(
     None,
     "Labels of a flat val/ folder, one wnid per line in image-number order. Default: <input_dir>/"
     "validation_labels.txt if present, else the ILSVRC-2012 file shipped by tensorflow-datasets.",
+)
+_CLASS_NAMES = flags.DEFINE_string(
+    "class_names_file",
+    None,
+    "Names of the classes, 'wnid name' per line (the ILSVRC devkit's synset_words.txt). Default: "
+    "<input_dir>/LOC_synset_mapping.txt or synset_words.txt if present; labels.txt lists them.",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the shuffle that assigns images to shards.")
 _QUALITY = flags.DEFINE_integer("jpeg_quality", images.JPEG_QUALITY, "JPEG quality of the stored images.", 1, 100)
@@ -69,7 +76,8 @@ def main(argv):
         )
     try:
         val_labels_file = sources.resolve_val_labels(input_dir, _VAL_LABELS.value)
-    except FileNotFoundError as e:
+        class_names = sources.resolve_class_names(input_dir, _CLASS_NAMES.value)
+    except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e)) from None
     job = transforms.ConvertImageNet(
         input_dir=input_dir,
@@ -78,6 +86,7 @@ def main(argv):
         seed=_SEED.value,
         val_labels_file=val_labels_file,
         convert_kwargs=dict(quality=_QUALITY.value, min_side=_MIN_SIDE.value, max_pixels=_MAX_PIXELS.value),
+        class_names=class_names,
     )
     p = beam.Pipeline(options=options)
     _ = p | "ConvertImageNet" >> job

@@ -2,8 +2,9 @@
 
     python -m pipeline.make_demo_data --output_dir=demo/raw
 
-Writes train/<wnid>/<wnid>_<i>.JPEG, val/ILSVRC2012_val_<8 digits>.JPEG and validation_labels.txt (one wnid per
-validation image, in file-number order: the format of tensorflow-datasets' imagenet2012 validation labels); or,
+Writes train/<wnid>/<wnid>_<i>.JPEG, val/ILSVRC2012_val_<8 digits>.JPEG, validation_labels.txt (one wnid per
+validation image, in file-number order: the format of tensorflow-datasets' imagenet2012 validation labels) and
+LOC_synset_mapping.txt (the classes' names); or,
 with --as_tars, the same files in ImageNet's downloaded form (``write_as_tars``).
 Ten classes of shapes, each photographed at a random place, scale, rotation and colour over a cluttered,
 textured background, in varied sizes (200-700 px a side) and JPEG qualities, so resizing, cropping, flipping
@@ -35,6 +36,7 @@ CLASSES = (
 )
 MIN_SIDE, MAX_SIDE = 200, 700
 VAL_LABELS = "validation_labels.txt"
+CLASS_NAMES = "LOC_synset_mapping.txt"  # "wnid name" per line, as the ILSVRC files beside ImageNet have it.
 
 
 def _rgb(rng, hue, spread=0.04):
@@ -169,6 +171,8 @@ def write_demo_dataset(output_dir, *, train_per_class, val_per_class, seed=0):
         _write(os.path.join(output_dir, "val", f"ILSVRC2012_val_{i:08d}.JPEG"), _jpeg(draw_image(label, rng), rng))
     with open(os.path.join(output_dir, VAL_LABELS), "w") as f:
         f.writelines(f"{CLASSES[label][0]}\n" for label in labels)
+    with open(os.path.join(output_dir, CLASS_NAMES), "w") as f:
+        f.writelines(f"{wnid} {name}\n" for wnid, name, _ in CLASSES)
     return {"train": train_per_class * len(CLASSES), "val": len(labels), "quirks": 4}
 
 
@@ -201,5 +205,6 @@ def write_as_tars(extracted_dir, output_dir):
                 path = os.path.join(folder, name)
                 with open(path, "rb") as f:
                     _add(tar, os.path.relpath(path, val).replace(os.sep, "/"), f, os.path.getsize(path))
-    if os.path.exists(os.path.join(extracted_dir, VAL_LABELS)):
-        shutil.copy(os.path.join(extracted_dir, VAL_LABELS), os.path.join(output_dir, VAL_LABELS))
+    for name in (VAL_LABELS, CLASS_NAMES):
+        if os.path.exists(os.path.join(extracted_dir, name)):
+            shutil.copy(os.path.join(extracted_dir, name), os.path.join(output_dir, name))

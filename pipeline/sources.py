@@ -26,6 +26,7 @@ from apache_beam.io.filesystems import CompressionTypes, FileSystems
 VAL_FILE_RE = re.compile(r"ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
 TFDS_VAL_LABELS = ("datasets", "imagenet2012", "validation_labels.txt")
 TARS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}
+CLASS_NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")  # Kaggle's copy of ImageNet; the ILSVRC devkit.
 
 
 class ImageRef(NamedTuple):
@@ -183,3 +184,30 @@ def resolve_val_labels(input_dir, val_labels_file=None):
         return val_labels_file
     beside = FileSystems.join(input_dir, "validation_labels.txt")
     return beside if FileSystems.exists(beside) else tfds_val_labels_file()
+
+
+def read_class_names(path):
+    """{wnid: name} from a file of "wnid name" lines (the devkit's synset_words.txt, LOC_synset_mapping.txt)."""
+    with open_file(path) as f:
+        lines = f.read().decode().splitlines()
+    names = {}
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            wnid, _, name = line.strip().partition(" ")
+            if not name:
+                raise ValueError(f"{path}:{number}: expected 'wnid name', got {line!r}")
+            names[wnid] = name.strip()
+    return names
+
+
+def resolve_class_names(input_dir, class_names_file=None):
+    """The classes' names: from the file given, else one of CLASS_NAME_FILES beside the data, else none ({})."""
+    if class_names_file:
+        if not FileSystems.exists(class_names_file):
+            raise FileNotFoundError(f"--class_names_file={class_names_file} does not exist")
+        return read_class_names(class_names_file)
+    for name in CLASS_NAME_FILES:
+        path = FileSystems.join(input_dir, name)
+        if FileSystems.exists(path):
+            return read_class_names(path)
+    return {}

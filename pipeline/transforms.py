@@ -306,9 +306,15 @@ def summarize(seen, shards, rejected, num_shards):
     return summary
 
 
+def labels_file(wnids, class_names):
+    """labels.txt: line i is label i's wnid, then a tab and its name where the source named it."""
+    return "".join(f"{w}\t{class_names[w]}\n" if w in class_names else f"{w}\n" for w in wnids)
+
+
 class _FinalizeFn(beam.DoFn):
-    def __init__(self, output_dir, staging_dir, num_shards):
+    def __init__(self, output_dir, staging_dir, num_shards, class_names):
         self.output_dir, self.staging_dir, self.num_shards = output_dir, staging_dir, num_shards
+        self.class_names = class_names
 
     def process(self, unused, shards, seen, rejected, wnids, pixel_stats):
         if not wnids:
@@ -328,7 +334,7 @@ class _FinalizeFn(beam.DoFn):
         npz, small = stats_files(pixel_stats)
         _write_bytes(FileSystems.join(self.output_dir, "stats.npz"), npz)
         _write_bytes(FileSystems.join(self.output_dir, "stats.json"), small.encode())
-        _write_bytes(FileSystems.join(self.output_dir, "labels.txt"), "".join(f"{w}\n" for w in wnids).encode())
+        _write_bytes(FileSystems.join(self.output_dir, "labels.txt"), labels_file(wnids, self.class_names).encode())
         lines = "".join(f"{s}\t{p}\t{r}\n" for s, p, r in sorted(rejected))
         _write_bytes(FileSystems.join(self.output_dir, REJECTED), ("split\tpath\treason\n" + lines).encode())
         _write_bytes(FileSystems.join(self.output_dir, "summary.json"), json.dumps(summary, indent=2).encode())
@@ -338,9 +344,9 @@ class _FinalizeFn(beam.DoFn):
 class Finalize(beam.PTransform):
     """Once every shard is staged: replace the previous output with this run's, and write the small files."""
 
-    def __init__(self, output_dir, staging_dir, num_shards, *, shards, seen, rejected, wnids, pixel_stats):
+    def __init__(self, output_dir, staging_dir, num_shards, class_names, *, shards, seen, rejected, wnids, pixel_stats):
         super().__init__()
-        self.fn = _FinalizeFn(output_dir, staging_dir, num_shards)
+        self.fn = _FinalizeFn(output_dir, staging_dir, num_shards, class_names)
         self.inputs = dict(shards=shards, seen=seen, rejected=rejected, wnids=wnids, pixel_stats=pixel_stats)
 
     def expand(self, pbegin):
@@ -362,8 +368,9 @@ class Finalize(beam.PTransform):
 class ConvertImageNet(beam.PTransform):
     """The whole job: raw ImageNet layout in input_dir -> shards, statistics and summaries in output_dir."""
 
-    def __init__(self, *, input_dir, output_dir, num_shards, seed, val_labels_file, convert_kwargs):
+    def __init__(self, *, input_dir, output_dir, num_shards, seed, val_labels_file, convert_kwargs, class_names=None):
         super().__init__()
+        self.class_names = class_names or {}
         self.input_dir, self.output_dir, self.num_shards, self.seed = input_dir, output_dir, num_shards, seed
         self.val_labels_file, self.convert_kwargs = val_labels_file, convert_kwargs
 
@@ -402,6 +409,7 @@ class ConvertImageNet(beam.PTransform):
             self.output_dir,
             staging_dir,
             self.num_shards,
+            self.class_names,
             shards=shards | "AllShards" >> beam.Flatten(),
             seen=seen | "AllSeen" >> beam.Flatten(),
             rejected=rejected | "AllRejected" >> beam.Flatten(),

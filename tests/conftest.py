@@ -3,7 +3,7 @@
 import pytest
 import tensorflow as tf
 
-from tests.helpers import TRAIN_PER_CLASS, VAL_PER_CLASS, run_conversion
+from tests.helpers import TRAIN_PER_CLASS, VAL_PER_CLASS, run_conversion, tiny_run_config
 
 # Before anything initializes TensorFlow's runtime: 2 logical CPUs stand in for 2 GPUs (towers, replicas).
 tf.config.set_logical_device_configuration(
@@ -23,3 +23,12 @@ def demo_raw(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_data(demo_raw, tmp_path_factory):
     return run_conversion(demo_raw, str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_data, tmp_path_factory):
+    """A finished run on the tiny demo set (helpers.tiny_run_config): its config and final evaluation."""
+    from model import training
+
+    config = tiny_run_config(demo_data, tmp_path_factory.mktemp("trained_run"))
+    return config, training.train(config)

@@ -41,8 +41,8 @@ def test_summary_accounts_for_every_file(demo_data, demo_raw):
 
 
 def test_records_hold_the_converted_images_with_sorted_wnid_labels(demo_data, demo_raw):
-    with open(os.path.join(demo_data, "labels.txt")) as f:
-        assert f.read().split() == sorted(WNIDS)
+    with open(os.path.join(demo_data, "labels.txt")) as f:  # With the names LOC_synset_mapping.txt gives.
+        assert f.read().splitlines() == [f"{w}\t{name}" for w, name, _ in sorted(demo_module.CLASSES)]
     records = _records(demo_data, "train")
     assert len(records) == len(WNIDS) * TRAIN_PER_CLASS + 3  # + CMYK, grayscale and PNG quirks.
     for record in records[:12]:
@@ -121,6 +121,7 @@ def test_downloaded_tars_give_the_same_output_as_extracted_folders(demo_tars, de
     assert sorted(os.listdir(demo_tars)) == [
         "ILSVRC2012_img_train.tar",
         "ILSVRC2012_img_val.tar",
+        demo_module.CLASS_NAMES,
         demo_module.VAL_LABELS,
     ]
     out = run_conversion(demo_tars, str(tmp_path / "out"))

@@ -89,8 +89,8 @@ def test_labels_file_and_summary_that_disagree(data_copy, tmp_path):
 
 
 def test_labels_file_and_records_that_disagree(data_copy, tmp_path):
-    wnids = (data_copy / "labels.txt").read_text().split()
-    (data_copy / "labels.txt").write_text("".join(f"{w}\n" for w in reversed(wnids)))
+    lines = (data_copy / "labels.txt").read_text().splitlines()
+    (data_copy / "labels.txt").write_text("".join(f"{line}\n" for line in reversed(lines)))
     _refused(_config(data_copy, tmp_path / "m"), "but labels.txt gives that label to", "different conversions")
 
 

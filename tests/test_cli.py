@@ -73,7 +73,8 @@ def test_downloaded_tars_from_make_demo_data_convert_without_extracting(tmp_path
     args = ["-m", "pipeline.make_demo_data", f"--output_dir={tars}", "--train_per_class=2", "--val_per_class=1"]
     result = _run(*args, "--as_tars")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(os.listdir(tars)) == ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "validation_labels.txt"]
+    expected = ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "LOC_synset_mapping.txt", "validation_labels.txt"]
+    assert sorted(os.listdir(tars)) == expected
     args = ["-m", "pipeline.build_tfrecords", f"--input_dir={tars}", f"--output_dir={out}", "--train_shards=2"]
     result = _run(*args, "--validation_shards=1")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,31 +9,14 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from model import checkpoints, classifier, evaluation, recipe, training
-from tests.helpers import TWO_DEVICES
+from tests.helpers import TWO_DEVICES, tiny_run_config
 
 NEXT_STEP = training._next_step
 STATS = {"mean_image": np.full((72, 72, 3), 120.0), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
 
 
 def _config(data_dir, model_dir, **overrides):
-    """Two epochs of the tiny demo set (63 training images: 3 steps of 16 an epoch) on two mirrored replicas,
-    with a checkpoint every 2 steps and a 4-step warm-up."""
-    values = dict(
-        data_dir=data_dir,
-        model_dir=str(model_dir),
-        epochs=2,
-        batch_size=16,
-        learning_rate=0.005,
-        weight_std=0.02,
-        warmup_steps=4,
-        lr_patience=1,
-        image_size=64,
-        crop_size=64,
-        mirrored_devices=TWO_DEVICES,
-        log_every_steps=1,
-        checkpoint_every_steps=2,
-    )
-    return recipe.Config(**{**values, **overrides})
+    return tiny_run_config(data_dir, model_dir, **overrides)
 
 
 class Stopped(Exception):
@@ -73,10 +56,9 @@ def _steps_logged(folder, tag):
 
 
 @pytest.fixture(scope="module")
-def reference(demo_data, tmp_path_factory):
-    """An uninterrupted run: its model_dir and final evaluation."""
-    config = _config(demo_data, tmp_path_factory.mktemp("reference"))
-    return config, training.train(config)
+def reference(trained_run):
+    """An uninterrupted run (conftest.trained_run): its config and final evaluation."""
+    return trained_run
 
 
 def test_a_run_writes_checkpoints_the_best_weights_and_the_final_evaluation(reference):

@@ -1,0 +1,184 @@
+"""Using a trained run as users do: python -m model.evaluate, model.export, model.predict, model.neighbours."""
+
+import glob
+import json
+import os
+import re
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import checkpoints, devices, evaluation, serving, similarity
+from pipeline import demo_data, images
+from pipeline import input as data_input
+from tests.helpers import TWO_DEVICES, photos_dir, run
+
+QUIET = ("WARNING", "I0000", "E0000", "W0000", "To enable", "INFO")
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    export_dir = tmp_path_factory.mktemp("export") / "alexnet" / "1"
+    result = run("-m", "model.export", f"--model_dir={trained_run[0].model_dir}", f"--export_dir={export_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Exported {trained_run[0].model_dir}/checkpoints/ckpt-6 to {export_dir}" in result.stdout
+    return export_dir
+
+
+def _val_jpegs(demo_raw):
+    return sorted(glob.glob(os.path.join(demo_raw, "val", "*.JPEG")))
+
+
+def test_evaluate_reports_the_runs_errors_by_class_and_writes_them(trained_run, tmp_path):
+    config, final = trained_run
+    output = tmp_path / "e.json"
+    result = run("-m", "model.evaluate", f"--model_dir={config.model_dir}", "--cpu_devices=2", f"--output={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = result.stdout.splitlines()[0]
+    assert first == (
+        f"{config.model_dir}/checkpoints/ckpt-6 on 20 validation images, 10 crop(s): "
+        f"top-1 error {final['top1_error']:.1%}, top-5 error {final['top5_error']:.1%}"
+    )
+    with open(output) as f:
+        written = json.load(f)
+    for key in ("top1_error", "top5_error", "images", "crops", "per_class"):  # eval.json's keys, and the same values.
+        assert written[key] == final[key], key
+    assert written["per_class"]["n90000001"]["name"] == "disc" and "worst classes (top-1 error): " in result.stdout
+
+
+def test_evaluate_gives_the_same_errors_under_every_strategy(trained_run):
+    config, final = trained_run
+    data = data_input.shard_files(config.data_dir, "validation")
+    sizes = data_input.shard_sizes(data, data_input.load_summary(config.data_dir), "validation")
+    results = []
+    for strategy, tower_devices in (("mirrored", ()), ("towers", TWO_DEVICES)):
+        made = devices.strategy_for(strategy, TWO_DEVICES if strategy == "mirrored" else (), tower_devices)
+        with made.scope():
+            model, settings, labels, _ = checkpoints.restore_classifier(
+                config.model_dir, tower_devices=tower_devices or None
+            )
+        kwargs = dict(batch_size=6, image_size=64, crops=10, labels=labels)
+        results.append(evaluation.evaluate(model, made, data, sizes, **kwargs))
+    for result in results:
+        assert (result["top1_error"], result["top5_error"], result["images"]) == (
+            pytest.approx(final["top1_error"]),
+            pytest.approx(final["top5_error"]),
+            20,
+        )
+
+
+def test_evaluate_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
+    result = run("-m", "model.evaluate", f"--model_dir={tmp_path}")
+    assert result.returncode == 1 and "holds no config.json: is it a train.py run's folder?" in result.stderr
+
+
+def test_the_export_runs_in_plain_tensorflow_without_this_project(exported, demo_raw, tmp_path):
+    """A process that cannot import model/ or pipeline/ loads it and serves JPEG and PNG bytes of any size."""
+    jpegs = _val_jpegs(demo_raw)[:2]
+    png = tmp_path / "image.png"
+    png.write_bytes(_png_of(jpegs[0]))
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["model"] = sys.modules["pipeline"] = None  # Importing this project now fails.
+        import json, tensorflow as tf
+        serve = tf.saved_model.load({str(exported)!r}).signatures["serving_default"]
+        files = {[*jpegs, str(png)]!r}
+        out = serve(image_bytes=tf.constant([open(f, "rb").read() for f in files]))
+        print(json.dumps({{k: v.numpy().tolist() for k, v in out.items()}}, default=bytes.decode))
+        print(json.dumps({{k: [v.dtype.name, v.shape.as_list()] for k, v in serve.structured_outputs.items()}}))
+    """)
+    result = run("-c", code, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, signature = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    assert signature == {
+        "scores": ["float32", [None, 5]],
+        "classes": ["int32", [None, 5]],
+        "wnids": ["string", [None, 5]],
+        "names": ["string", [None, 5]],
+    }
+    scores = np.array(out["scores"])
+    assert scores.shape == (3, 5) and (np.diff(scores, axis=1) <= 0).all() and (scores.sum(axis=1) <= 1 + 1e-6).all()
+    classes = {wnid: name for wnid, name, _ in demo_data.CLASSES}
+    for wnids, names in zip(out["wnids"], out["names"], strict=True):
+        assert [classes[w] for w in wnids] == names
+    np.testing.assert_allclose(scores[2], scores[0], atol=0.02)  # The PNG of the first JPEG's pixels.
+
+
+def _png_of(path):
+    image = tf.io.decode_jpeg(tf.io.read_file(path))
+    return tf.io.encode_png(image).numpy()
+
+
+def test_served_preprocessing_is_the_converters_within_a_jpeg_round_trip(demo_raw):
+    """§2 in TensorFlow (decode, antialiased bicubic resize, centre crop) against Pillow's in the converter: the
+    difference is smaller than what the records' JPEG encoding itself changes."""
+    for path in _val_jpegs(demo_raw)[:5]:
+        with open(path, "rb") as f:
+            data = f.read()
+        jpeg, converted = images.convert(data)
+        served = serving.decode_and_crop(data).numpy()
+        record = tf.io.decode_jpeg(jpeg).numpy().astype(float)
+        assert served.shape == (256, 256, 3)
+        served_vs_pillow = np.abs(served - converted).mean()
+        assert served_vs_pillow < 2.0 and served_vs_pillow < np.abs(record - converted).mean() + 0.5, path
+
+
+def test_served_preprocessing_on_real_photos_of_every_shape():
+    photos = photos_dir()
+    for path in sorted(glob.glob(os.path.join(photos, "train", "*", "*.JPEG"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        served = serving.decode_and_crop(data).numpy()
+        _, converted = images.convert(data)
+        assert np.abs(served - converted).mean() < 3.0, path
+
+
+def test_predict_prints_the_top_five_and_names_the_files_it_could_not_read(exported, demo_raw, tmp_path):
+    good = _val_jpegs(demo_raw)[:2]
+    (tmp_path / "notes.JPEG").write_text("not an image")
+    result = run("-m", "model.predict", f"--export_dir={exported}", *good, str(tmp_path / "notes.JPEG"), "nowhere.jpg")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    names = "|".join(name for _, name, _ in demo_data.CLASSES)
+    for path, line in zip(good, lines[:2], strict=True):
+        assert re.fullmatch(rf"{re.escape(path)}: (({names}) \d+\.\d%(, )?){{5}}", line), line
+    assert lines[2] == f"{tmp_path / 'notes.JPEG'}: not an image TensorFlow can decode (JPEG, PNG, GIF or BMP)"
+    assert lines[3].startswith("nowhere.jpg: cannot read it")
+    assert "2 of 4 files could not be predicted" in result.stderr
+    assert run("-m", "model.predict", f"--export_dir={exported}", *good).returncode == 0
+
+
+def test_nearest_neighbours_are_the_brute_force_ones(trained_run):
+    """The streamed top-k equals sorting every training image's fc7 distance (§6.1), computed at once."""
+    config, _ = trained_run
+    model, _, _, _ = checkpoints.restore_classifier(config.model_dir)
+    files = data_input.shard_files(config.data_dir, "train")
+    sizes = data_input.shard_sizes(files, data_input.load_summary(config.data_dir), "train")
+    every = list(data_input.eval_dataset(files, sizes, batch_size=64, image_size=64).unbatch())
+    pixels = np.stack([x.numpy() for x, _, v in every if v])
+    queries = pixels[[3, 40]] // 2 + 60  # Not training images themselves.
+    distances, found, _ = similarity.nearest(model, tf.constant(queries), files, sizes, k=4, batch_size=16)
+    all_features = similarity.features(model, pixels).numpy()
+    for q, query_features in enumerate(similarity.features(model, queries).numpy()):
+        expected = np.sort(((all_features - query_features) ** 2).sum(axis=1))[:4]
+        np.testing.assert_allclose(distances.numpy()[q], expected, rtol=1e-4)
+        nearest_pixels = pixels[np.argsort(((all_features - query_features) ** 2).sum(axis=1))[0]]
+        np.testing.assert_array_equal(found.numpy()[q, 0], nearest_pixels)
+
+
+def test_neighbours_writes_figure_4_as_png_and_to_tensorboard(trained_run, demo_raw, tmp_path):
+    config, _ = trained_run
+    queries = _val_jpegs(demo_raw)[:2]
+    output = tmp_path / "figure4.png"
+    args = [f"--model_dir={config.model_dir}", f"--images={','.join(queries)}", "--k=3", f"--output={output}"]
+    result = run("-m", "model.neighbours", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    picture = tf.io.decode_png(output.read_bytes()).numpy()
+    assert picture.shape == (2 * (64 + 4), 4 * (64 + 4), 3)  # Two rows: the query and 3 neighbours, 4 px apart.
+    names = "|".join(name for _, name, _ in demo_data.CLASSES)
+    for query, line in zip(queries, result.stdout.splitlines()[:2], strict=True):
+        assert re.fullmatch(rf"{re.escape(query)}: (({names}) \(\d+\.\d\)(, )?){{3}}", line), line
+    assert "among 63 training images" in result.stdout
+    assert tf.io.gfile.glob(os.path.join(config.model_dir, "neighbours", "events.out.tfevents.*"))
