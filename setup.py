@@ -21,6 +21,7 @@ setuptools.setup(
         # Beam (and tensorflow-datasets, for its ILSVRC-2012 validation labels) only for the conversion job and
         # its workers: training never imports them.
         "beam": ["apache-beam==2.77.*", "tensorflow-datasets==4.9.10"],
-        "test": ["pytest>=8", "hypothesis>=6", "ruff>=0.6"],
+        # dask: the slow test that runs the conversion on a dask.distributed cluster (Beam's DaskRunner).
+        "test": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "dask[distributed]>=2024.4.2"],
     },
 )

@@ -12,6 +12,7 @@ with its reason) and summary.json (seen = written + rejected per split; written 
 Flags this module does not know are Beam pipeline options; on DirectRunner both cores are used unless told otherwise.
 """
 
+import importlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from absl import app, flags
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, WorkerOptions
 
-from pipeline import images, sources, transforms
+from pipeline import images, outputs, progress, sources, transforms
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Raw ImageNet folder holding train/ and val/.", required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the shards and statistics go.", required=True)
@@ -45,9 +46,18 @@ _MIN_SIDE = flags.DEFINE_integer("min_side", images.MIN_SIDE, "Reject images wit
 _MAX_PIXELS = flags.DEFINE_integer("max_pixels", images.MAX_PIXELS, "Reject images with more pixels than this.")
 
 
+# Runners Beam knows only by their full name, whose options exist once their module is imported.
+RUNNERS = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+
+
 def pipeline_options(beam_args):
     """Beam options from the flags absl did not know; unknown ones are fatal, as for absl."""
+    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    if runner in RUNNERS:
+        importlib.import_module(RUNNERS[runner].rsplit(".", 1)[0])
     options = PipelineOptions(beam_args)
+    if runner in RUNNERS:
+        options.view_as(StandardOptions).runner = RUNNERS[runner]
     unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
     if unknown:
         raise app.UsageError(f"unknown flags (neither this job's nor Beam's): {sorted(unknown)}")
@@ -75,7 +85,10 @@ def main(argv):
             "point it at the folder holding ImageNet's extracted train/ and val/, or the downloaded tars"
         )
     try:
+        # Read here and sent to the workers as data: they may not see the files this machine sees (the
+        # labels file tensorflow-datasets ships is in this machine's site-packages).
         val_labels_file = sources.resolve_val_labels(input_dir, _VAL_LABELS.value)
+        val_labels = sources.read_val_labels(val_labels_file) if val_labels_file else None
         class_names = sources.resolve_class_names(input_dir, _CLASS_NAMES.value)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e)) from None
@@ -84,7 +97,7 @@ def main(argv):
         output_dir=output_dir,
         num_shards={"train": _TRAIN_SHARDS.value, "validation": _VAL_SHARDS.value},
         seed=_SEED.value,
-        val_labels_file=val_labels_file,
+        val_labels=val_labels,
         convert_kwargs=dict(quality=_QUALITY.value, min_side=_MIN_SIDE.value, max_pixels=_MAX_PIXELS.value),
         class_names=class_names,
     )
@@ -95,10 +108,14 @@ def main(argv):
     with FileSystems.open(FileSystems.join(output_dir, "summary.json")) as f:
         summary = json.load(f)
     print(f"Wrote {output_dir}: {json.dumps(summary)}")
-    seconds = transforms.conversion_span(result.metrics())
+    try:
+        metrics = result.metrics()
+    except NotImplementedError:  # The DaskRunner keeps no metrics.
+        return
+    seconds = progress.conversion_span(metrics)
     if seconds:
-        images = sum(summary[split]["seen"] for split in transforms.SPLITS)
-        cpu = transforms.conversion_cpu_seconds(result.metrics())
+        images = sum(summary[split]["seen"] for split in outputs.SPLITS)
+        cpu = progress.conversion_cpu_seconds(metrics)
         print(
             f"Converted {images} images in {seconds:.1f} s from the first shard started to the last one written: "
             f"{images / seconds:.1f} images/s, {1000 * cpu / images:.1f} ms of CPU per image"

@@ -45,7 +45,8 @@ def make_example(*, jpeg, height, width, label, synset, filename):
         SYNSET: _bytes(synset.encode()),
         FILENAME: _bytes(filename.encode()),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)  # Map order fixed: the same bytes in every process.
 
 
 def parse_example(serialized):

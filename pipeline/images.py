@@ -93,3 +93,14 @@ def convert(
     out = io.BytesIO()
     img.save(out, "JPEG", quality=quality)
     return out.getvalue(), np.asarray(img)
+
+
+def convert_or_reject(data, **kwargs):
+    """(JPEG bytes, None), or (None, the reason) when the image is rejected: one image never fails the job,
+    whatever PIL raises on it (decoding, EXIF transposition, mode conversion)."""
+    try:
+        return convert(data, **kwargs)[0], None
+    except Rejected as e:
+        return None, str(e)
+    except Exception as e:  # PIL raises many types on bad data.
+        return None, f"cannot convert: {type(e).__name__}: {e}"

@@ -76,15 +76,16 @@ def folder_patterns(input_dir, folder):
     return [FileSystems.join(input_dir, folder, "*", "*"), FileSystems.join(input_dir, folder, "*")]
 
 
-def match(pattern):
-    """Sorted paths of the files matching pattern (an empty list when none)."""
-    result = FileSystems.match([pattern])[0]
+def match(pattern, limit=None):
+    """Sorted paths of the files matching pattern (an empty list when none); at most `limit` of them."""
+    result = FileSystems.match([pattern], limits=[limit] if limit else None)[0]
     return sorted(m.path for m in result.metadata_list)
 
 
 def layout(input_dir, folder):
-    """How a split is stored: ('folder', None), ('tar', tar path), or (None, None) when it is absent."""
-    if any(match(pattern) for pattern in folder_patterns(input_dir, folder)):
+    """How a split is stored: ('folder', None), ('tar', tar path), or (None, None) when it is absent. Looks for
+    one file, not all of them: the job lists the folder itself, once."""
+    if any(match(pattern, limit=1) for pattern in folder_patterns(input_dir, folder)):
         return "folder", None
     tar = FileSystems.join(input_dir, TARS[folder])
     if FileSystems.exists(tar):
@@ -137,16 +138,27 @@ def tar_members(f, start=0, size=None):
         raise ValueError(f"not a readable uncompressed tar: {e}") from None
 
 
-def read_image(ref, opened):
-    """The bytes of ref; `opened` maps sources to open files, reused across calls (one handle per tar)."""
-    if ref.offset < 0:
-        with open_file(ref.source) as f:
+def tar_contents(f, start=0, size=None):
+    """(name, offset, bytes) of each regular file of the uncompressed tar at [start, start + size) of f, read
+    front to back: one pass over the bytes, as object stores serve best."""
+    if size is None:
+        size = f.seek(0, io.SEEK_END) - start
+    try:
+        with tarfile.open(fileobj=_Window(f, start, size), mode="r|") as tar:
+            for member in tar:
+                if member.isfile():
+                    yield member.name, start + member.offset_data, tar.extractfile(member).read()
+    except tarfile.TarError as e:
+        raise ValueError(f"not a readable uncompressed tar: {e}") from None
+
+
+def read_image(ref):
+    """The bytes of ref: a whole file, or a member of a tar."""
+    with open_file(ref.source) as f:
+        if ref.offset < 0:
             return f.read()
-    if ref.source not in opened:
-        opened[ref.source] = open_file(ref.source)
-    f = opened[ref.source]
-    f.seek(ref.offset)
-    data = f.read(ref.size)
+        f.seek(ref.offset)
+        data = f.read(ref.size)
     if len(data) != ref.size:
         raise OSError(f"{ref.source} ends inside {ref.relative}: {len(data)} of {ref.size} bytes")
     return data

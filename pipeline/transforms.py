@@ -1,42 +1,185 @@
-"""The conversion job's composite transforms: list, assign to shards, convert and write, finalize the output folder.
+"""The conversion job's transforms, top-down: ConvertImageNet, then its parts, then the DoFns.
 
-Determinism: each image's place is a seeded hash of its path in the extracted layout, so the shard it lands in
-and its position there depend only on the input and the seed, never on worker timing or on tar vs folder input.
-Only these small (key, name) pairs are shuffled; each shard's images are then read, converted and written by one
-worker, one image at a time, so neither the encoded images nor their pixels ever cross a shuffle and a worker's
-memory does not grow with the dataset. Outputs are staged and moved
-into place by one final step, which first removes the previous run's files, so shards are never a mix of two runs.
+Reading: in extracted folders each image is a file of its own, read whole by the worker that writes its shard.
+The downloaded tars are read front to back, once, each class tar (and the validation tar) by one worker that
+converts its images as they come: object stores serve random reads badly (Beam's GCS reader fetches 16 MiB at a
+time, so an image read at a random offset costs 16 MiB), and a tar's members are contiguous. Either way each
+input byte is read about once, and the same images give the same records (README, "Conversion").
+
+Determinism: each image's shard and its place there come from a seeded hash of its path in the extracted layout,
+so the output depends only on the input and the seed, never on worker timing or on tar vs folder input.
+Retries: a shard's writer writes the same bytes to the same staged name each time, the statistics are a Beam
+combine, and the final step (pipeline/outputs.py) can run again after failing anywhere.
 """
 
 import contextlib
 import hashlib
-import io
-import json
-import logging
 import os
 import tempfile
-import threading
 import time
-import uuid
+from typing import NamedTuple
 
 import apache_beam as beam
-import numpy as np
 import tensorflow as tf
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import example_spec, images, sources, stats
+from pipeline import example_spec, images, outputs, progress, sources, stats
 
-SPLITS = ("train", "validation")
-OUTPUT_GLOBS = ("summary.json", "train-*-of-*", "validation-*-of-*", "stats.npz", "stats.json", "labels.txt")
-REJECTED = "rejected.tsv"
-PROGRESS_SECONDS = 10
-SPAN = "conversion_span"
-CPU = "conversion_cpu"
+READ_ATTEMPTS = 3  # Transient I/O errors are retried; then the bundle fails (and the runner retries it).
 
 
-def shard_name(split, index, num_shards):
-    return f"{split}-{index:05d}-of-{num_shards:05d}"
+class Item(NamedTuple):
+    """An image on its way to a shard: where it is, its wnid (None: unlabelled), and, when it was converted where
+    it was read (tars), its JPEG or the reason it was rejected."""
+
+    ref: sources.ImageRef
+    wnid: str | None
+    jpeg: bytes | None = None
+    reason: str | None = None
+
+
+class ConvertImageNet(beam.PTransform):
+    """The whole job: raw ImageNet in input_dir -> shards, statistics and summaries in output_dir."""
+
+    def __init__(
+        self, *, input_dir, output_dir, num_shards, seed, val_labels=None, convert_kwargs=None, class_names=None
+    ):
+        super().__init__()
+        self.input_dir, self.output_dir, self.num_shards, self.seed = input_dir, output_dir, num_shards, seed
+        self.val_labels, self.convert_kwargs, self.class_names = val_labels, convert_kwargs or {}, class_names or {}
+
+    def expand(self, p):
+        staging_dir = outputs.new_staging_dir(self.output_dir)
+        read = {
+            split: p | f"Read{split.title()}" >> ReadImages(split, self.input_dir, self.val_labels, self.convert_kwargs)
+            for split in outputs.SPLITS
+        }
+        wnids = read["train"] | "TrainingClasses" >> TrainingClasses()
+        written = {
+            split: read[split]
+            | f"Write{split.title()}"
+            >> WriteShards(split, staging_dir, wnids, self.num_shards[split], self.seed, self.convert_kwargs)
+            for split in outputs.SPLITS
+        }
+        seen = [
+            read[split]
+            | f"Count{split.title()}" >> beam.combiners.Count.Globally()
+            | f"Name{split.title()}Count" >> beam.Map(lambda n, split=split: (split, n))
+            for split in outputs.SPLITS
+        ]
+        pixel_stats = (
+            written["train"].stats | "PixelStats" >> beam.CombineGlobally(stats.MergeStatsFn()).without_defaults()
+        )
+        results = {
+            "shards": [written[s].shards for s in outputs.SPLITS] | "AllShards" >> beam.Flatten(),
+            "rejected": [written[s].rejected for s in outputs.SPLITS] | "AllRejected" >> beam.Flatten(),
+            "seen": seen | "AllSeen" >> beam.Flatten(),
+            "wnids": wnids,
+            "pixel_stats": pixel_stats,
+        }
+        return results | "Finalize" >> Finalize(self.output_dir, staging_dir, self.num_shards, self.class_names)
+
+
+class ReadImages(beam.PTransform):
+    """Items for every file of a split, from the extracted folder or the downloaded tar."""
+
+    def __init__(self, split, input_dir, val_labels, convert_kwargs):
+        super().__init__()
+        self.split, self.input_dir, self.val_labels, self.convert_kwargs = split, input_dir, val_labels, convert_kwargs
+
+    def expand(self, pbegin):
+        folder = "train" if self.split == "train" else "val"
+        kind, tar = sources.layout(self.input_dir, folder)
+        convert = _ConvertTarFn(self.split, self.val_labels, self.convert_kwargs)
+        if kind == "tar" and folder == "train":  # A tar of class tars: each class tar read by one worker.
+            return (
+                pbegin
+                | "Tar" >> beam.Create([tar])
+                | "ClassTars" >> beam.FlatMap(_class_tars)
+                | "SpreadClassTars" >> beam.Reshuffle()
+                | "ReadAndConvert" >> beam.ParDo(convert)
+            )
+        if kind == "tar":
+            tar_ref = sources.ImageRef("val", tar, 0, -1)
+            return pbegin | "Tar" >> beam.Create([tar_ref]) | "ReadAndConvert" >> beam.ParDo(convert)
+        patterns = sources.folder_patterns(self.input_dir, folder) if kind else []  # Absent: an empty split.
+        return (
+            pbegin
+            | "Patterns" >> beam.Create(patterns)
+            | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+            | "Items" >> beam.Map(_file_item, self.input_dir, self.val_labels)
+        )
+
+
+class TrainingClasses(beam.PTransform):
+    """The sorted wnids of the training images: label i is the i-th (a single-element PCollection)."""
+
+    def expand(self, items):
+        return (
+            items
+            | "Wnids" >> beam.Map(lambda item: item.wnid)
+            | "Known" >> beam.Filter(bool)
+            | "Distinct" >> beam.Distinct()
+            | "Collect" >> beam.combiners.ToList()
+            | "Sort" >> beam.Map(sorted)
+        )
+
+
+class WriteShards(beam.PTransform):
+    """Items -> shards in staging_dir; returns Written: shards (split, name, images), rejected (split, where,
+    reason) and, for training, stats (a partial statistics accumulator per shard). Only the small (key, item) pairs of
+    the folders, and the tars' converted JPEGs, go through the shuffle."""
+
+    def __init__(self, split, staging_dir, wnids, num_shards, seed, convert_kwargs):
+        super().__init__()
+        self.split, self.wnids, self.num_shards, self.seed = split, wnids, num_shards, seed
+        self.fn = _WriteShardFn(split, staging_dir, num_shards, convert_kwargs)
+
+    def expand(self, items):
+        written = (
+            items
+            | "Key" >> beam.Map(keyed, self.seed, self.num_shards)
+            | "GroupByShard" >> beam.GroupByKey()
+            | "ConvertAndWrite" >> beam.ParDo(self.fn, wnids=beam.pvalue.AsSingleton(self.wnids))
+        )
+        # One output of (kind, value) pairs, split by kind: the DaskRunner merges a ParDo's tagged outputs.
+        return Written(*(written | f"{kind.title()}" >> beam.FlatMap(_of_kind, kind) for kind in Written._fields))
+
+
+class Written(NamedTuple):
+    shards: beam.PCollection
+    rejected: beam.PCollection
+    stats: beam.PCollection
+
+
+def _of_kind(output, kind):
+    if output[0] == kind:
+        yield output[1]
+
+
+class Finalize(beam.PTransform):
+    """Once every shard is staged: the previous output replaced by this run's, then the small files, summary.json
+    last. Takes a dict of PCollections: shards, rejected, seen, wnids, pixel_stats."""
+
+    def __init__(self, output_dir, staging_dir, num_shards, class_names):
+        super().__init__()
+        self.fn = _FinalizeFn(output_dir, staging_dir, num_shards, class_names)
+
+    def expand(self, inputs):
+        return (
+            inputs["shards"].pipeline
+            | "Once" >> beam.Create([None])
+            | "ReplaceOutput"
+            >> beam.ParDo(
+                self.fn,
+                shards=beam.pvalue.AsList(inputs["shards"]),
+                seen=beam.pvalue.AsList(inputs["seen"]),
+                rejected=beam.pvalue.AsList(inputs["rejected"]),
+                wnids=beam.pvalue.AsSingleton(inputs["wnids"]),
+                pixel_stats=beam.pvalue.AsSingleton(inputs["pixel_stats"]),
+            )
+        )
 
 
 def sort_key(relative_path, seed):
@@ -44,43 +187,21 @@ def sort_key(relative_path, seed):
     return int.from_bytes(hashlib.sha256(f"{seed}:{relative_path}".encode()).digest()[:8], "big")
 
 
-class ListImages(beam.PTransform):
-    """(ImageRef, wnid or None) for every file of a split, from the extracted folder or the downloaded tar."""
-
-    def __init__(self, split, input_dir, val_labels_file=None):
-        super().__init__()
-        self.split, self.input_dir, self.val_labels_file = split, input_dir, val_labels_file
-
-    def expand(self, pbegin):
-        folder = "train" if self.split == "train" else "val"
-        kind, tar = sources.layout(self.input_dir, folder)
-        label = _LabelFn(self.val_labels_file)
-        if kind == "tar" and folder == "train":  # A tar of class tars: list the class tars in parallel.
-            refs = (
-                pbegin
-                | "Tar" >> beam.Create([tar])
-                | "ClassTars" >> beam.FlatMap(_tar_refs, "train")
-                | "SpreadClassTars" >> beam.Reshuffle()
-                | "Members" >> beam.FlatMap(_class_tar_refs)
-            )
-        elif kind == "tar":
-            refs = pbegin | "Tar" >> beam.Create([tar]) | "Members" >> beam.FlatMap(_tar_refs, "val")
-        else:  # A folder, or nothing (an empty split).
-            patterns = sources.folder_patterns(self.input_dir, folder) if kind else []
-            refs = (
-                pbegin
-                | "Patterns" >> beam.Create(patterns)
-                | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-                | "Refs"
-                >> beam.Map(lambda m, root: sources.ImageRef(sources.relative_to(m.path, root), m.path), self.input_dir)
-            )
-        return refs | "Label" >> beam.ParDo(label)
+def keyed(item, seed, num_shards):
+    key = sort_key(item.ref.relative, seed)
+    return key % num_shards, (key, item)
 
 
-def _tar_refs(tar, folder):
+def _file_item(match, root, val_labels):
+    ref = sources.ImageRef(sources.relative_to(match.path, root), match.path)
+    return Item(ref, sources.label_of(ref.relative, val_labels))
+
+
+def _class_tars(tar):
+    """The class tars <wnid>.tar inside the training tar (reading only headers)."""
     with sources.open_file(tar) as f, _naming(tar):
         for name, offset, size in sources.tar_members(f):
-            yield sources.ImageRef(f"{folder}/{name}", tar, offset, size)
+            yield sources.ImageRef(f"train/{name}", tar, offset, size)
 
 
 @contextlib.contextmanager
@@ -92,139 +213,18 @@ def _naming(what):
         raise ValueError(f"{what}: {e}; download it again, or extract it and point --input_dir at the folders") from e
 
 
-def _class_tar_refs(class_tar):
-    """The images of one <wnid>.tar inside the training tar, as train/<wnid>/<file>."""
-    wnid, ext = os.path.splitext(os.path.basename(class_tar.relative))
-    if ext != ".tar":  # Not a class tar: passed on, and rejected as not inside a class.
-        yield class_tar
-        return
-    with sources.open_file(class_tar.source) as f, _naming(class_tar.describe()):
-        for name, offset, size in sources.tar_members(f, class_tar.offset, class_tar.size):
-            yield sources.ImageRef(f"train/{wnid}/{os.path.basename(name)}", class_tar.source, offset, size)
+def read_with_retries(read, what):
+    """read(), retried on I/O errors (object stores have transient ones); the last error names `what`."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return read()
+        except OSError as e:
+            if attempt + 1 == READ_ATTEMPTS:
+                raise OSError(f"{what}: {e} ({READ_ATTEMPTS} attempts)") from e
+            time.sleep(0.5 * 2**attempt)
 
 
-class _LabelFn(beam.DoFn):
-    def __init__(self, val_labels_file):
-        self.val_labels_file = val_labels_file
-
-    def setup(self):
-        self.val_labels = sources.read_val_labels(self.val_labels_file) if self.val_labels_file else None
-
-    def process(self, ref):
-        yield ref, sources.label_of(ref.relative, self.val_labels)
-
-
-class _ConvertShardFn(beam.DoFn):
-    """Converts and writes one shard: (shard, [(key, (ref, wnid))]) -> (split, shard name, images written), plus
-    tagged outputs 'rejected' (split, where, reason) and, for training shards, 'stats' (a PixelStatsFn accumulator).
-
-    Images are read, converted and written one at a time in key order, so a worker holds one image and the shard's
-    list of names, whatever the shard's size; the encoded images never go through a shuffle."""
-
-    def __init__(self, split, staging_dir, num_shards, convert_kwargs):
-        self.split, self.staging_dir, self.num_shards = split, staging_dir, num_shards
-        self.convert_kwargs = convert_kwargs
-
-    def setup(self):
-        self.done, self.rejected, self.start, self.last_log = 0, 0, time.time(), time.time()
-        self.opened = {}
-        self.stats_fn = stats.PixelStatsFn()
-        self.counters = {r: beam.metrics.Metrics.counter(self.split, "rejected" if r else "written") for r in (0, 1)}
-
-    def teardown(self):
-        for f in self.opened.values():
-            f.close()
-
-    def process(self, element, wnids):
-        started, cpu_started = time.time(), time.thread_time()
-        shard, items = element
-        name = shard_name(self.split, shard, self.num_shards)
-        accumulator, written = None, 0
-        labels = {wnid: label for label, wnid in enumerate(wnids)}
-        with tempfile.NamedTemporaryFile(suffix=".tfrecord") as tmp:
-            with tf.io.TFRecordWriter(tmp.name) as writer:
-                for _, (ref, wnid) in sorted(items):
-                    try:
-                        example, pixels = self._convert(ref, wnid, labels)
-                    except (images.Rejected, OSError) as e:
-                        self._count(rejected=True)
-                        yield beam.pvalue.TaggedOutput("rejected", (self.split, ref.describe(), str(e)))
-                        continue
-                    writer.write(example)
-                    written += 1
-                    self._count(rejected=False)
-                    if self.split == "train":
-                        accumulator = self.stats_fn.add_input(accumulator, pixels)
-            _copy_local_to(tmp.name, FileSystems.join(self.staging_dir, name))
-        if accumulator is not None:
-            yield beam.pvalue.TaggedOutput("stats", accumulator)
-        # The conversion's span, from the first shard started to the last written, read by `conversion_span`.
-        beam.metrics.Metrics.distribution(SPAN, f"{self.split}_start_ms").update(int(started * 1000))
-        beam.metrics.Metrics.distribution(SPAN, f"{self.split}_end_ms").update(int(time.time() * 1000))
-        # CPU time of this thread on the shard: the conversion's cost whatever else shares the cores.
-        beam.metrics.Metrics.counter(CPU, "ms").inc(int((time.thread_time() - cpu_started) * 1000))
-        yield self.split, name, written
-
-    def _convert(self, ref, wnid, labels):
-        if wnid is None or wnid not in labels:
-            raise images.Rejected(_unlabelled_reason(self.split, wnid))
-        jpeg, pixels = images.convert(sources.read_image(ref, self.opened), **self.convert_kwargs)
-        example = example_spec.make_example(
-            jpeg=jpeg,
-            height=pixels.shape[0],
-            width=pixels.shape[1],
-            label=labels[wnid],
-            synset=wnid,
-            filename=os.path.basename(ref.relative),
-        )
-        return example, pixels
-
-    def _count(self, rejected):
-        self.done += 1
-        self.rejected += rejected
-        self.counters[rejected].inc()
-        now = time.time()
-        if now - self.last_log >= PROGRESS_SECONDS:
-            self.last_log = now
-            rate = self.done / (now - self.start)
-            logging.warning(
-                "%s: %d images on worker %d/%s (%d rejected), %.1f images/s",
-                self.split,
-                self.done,
-                os.getpid(),
-                threading.current_thread().name,
-                self.rejected,
-                rate,
-            )
-
-
-def conversion_span(metrics):
-    """Seconds spent converting, from a finished job's metrics: per split, from its first shard's start to its last
-    shard's end; splits converted one after the other (DirectRunner) add up, overlapping ones (Dataflow) count once.
-    None when no shard was converted."""
-    bounds = {}
-    for result in metrics.query(beam.metrics.MetricsFilter().with_namespace(SPAN))["distributions"]:
-        value = result.committed or result.attempted
-        split, edge = result.key.metric.name.rsplit("_", 2)[0], result.key.metric.name.split("_")[-2]
-        bounds.setdefault(split, {})[edge] = value.min if edge == "start" else value.max
-    intervals = sorted((b["start"], b["end"]) for b in bounds.values() if len(b) == 2)
-    if not intervals:
-        return None
-    total, (start, end) = 0, intervals[0]
-    for next_start, next_end in intervals[1:]:
-        if next_start > end:
-            total, start = total + end - start, next_start
-        end = max(end, next_end)
-    return (total + end - start) / 1000
-
-
-def conversion_cpu_seconds(metrics):
-    """CPU seconds the shard writers spent, summed over workers, from a finished job's metrics (None if none)."""
-    results = metrics.query(beam.metrics.MetricsFilter().with_namespace(CPU))["counters"]
-    return sum((r.committed or r.attempted) for r in results) / 1000 if results else None
-
-
-def _unlabelled_reason(split, wnid):
+def unlabelled_reason(split, wnid):
     if wnid is None and split == "train":
         return "not inside a class folder train/<wnid>/ (or a class tar <wnid>.tar)"
     if wnid is None:
@@ -232,83 +232,85 @@ def _unlabelled_reason(split, wnid):
     return f"class {wnid} has no training images (no train/{wnid}/)"
 
 
-class ConvertShards(beam.PTransform):
-    """(ImageRef, wnid) -> shards in staging_dir; outputs 'shards' (split, name, count), 'rejected', 'stats'.
+class _ConvertTarFn(beam.DoFn):
+    """Reads a tar front to back and converts its images as they come: ImageRef of a tar (the validation tar, or
+    a class tar inside the training tar) -> an Item per regular file, named by its place in the extracted layout."""
 
-    Each image's shard and its place there come from a seeded hash of its name in the extracted layout: only
-    these small (key, ref) pairs are grouped, and each shard is then converted and written by one worker."""
+    def __init__(self, split, val_labels, convert_kwargs):
+        self.split, self.val_labels, self.convert_kwargs = split, val_labels, convert_kwargs
 
-    def __init__(self, split, *, staging_dir, wnids, num_shards, seed, convert_kwargs):
-        super().__init__()
-        self.split, self.num_shards, self.seed, self.wnids = split, num_shards, seed, wnids
-        self.fn = _ConvertShardFn(split, staging_dir, num_shards, convert_kwargs)
+    def setup(self):
+        self.progress = progress.Progress(self.split)
 
-    def expand(self, files):
-        def keyed(element, seed, num_shards):
-            key = sort_key(element[0].relative, seed)
-            return key % num_shards, (key, element)
-
-        return (
-            files
-            | "Key" >> beam.Map(keyed, self.seed, self.num_shards)
-            | "GroupByShard" >> beam.GroupByKey()
-            | "ConvertAndWrite"
-            >> beam.ParDo(self.fn, wnids=beam.pvalue.AsSingleton(self.wnids)).with_outputs(
-                "rejected", "stats", main="shards"
-            )
-        )
+    def process(self, tar):
+        folder = f"train/{os.path.splitext(os.path.basename(tar.relative))[0]}" if self.split == "train" else "val"
+        if self.split == "train" and not tar.relative.endswith(".tar"):  # Not a class tar: rejected as unlabelled.
+            yield Item(tar, None)
+            return
+        with self.progress.timed(), sources.open_file(tar.source) as f, _naming(tar.describe()):
+            for name, offset, data in sources.tar_contents(f, max(tar.offset, 0), tar.size if tar.size >= 0 else None):
+                relative = f"{folder}/{os.path.basename(name) if self.split == 'train' else name}"
+                ref = sources.ImageRef(relative, tar.source, offset, len(data))
+                jpeg, reason = images.convert_or_reject(data, **self.convert_kwargs)
+                self.progress.count(rejected=reason is not None)
+                yield Item(ref, sources.label_of(relative, self.val_labels), jpeg, reason)
 
 
-def _copy_local_to(local_path, destination):
-    with open(local_path, "rb") as src, FileSystems.create(destination) as dst:
-        while chunk := src.read(16 << 20):
-            dst.write(chunk)
+class _WriteShardFn(beam.DoFn):
+    """Writes one shard, its images in key order: (shard, [(key, Item)]) -> ('shards', (split, shard name,
+    images written)), ('rejected', (split, where, reason)) per rejection and, for training shards, ('stats', the
+    statistics of the images as stored: decoded from the JPEGs written, what the reader delivers). Images not
+    converted yet (folders) are read and converted here, one at a time."""
+
+    def __init__(self, split, staging_dir, num_shards, convert_kwargs):
+        self.split, self.staging_dir, self.num_shards = split, staging_dir, num_shards
+        self.convert_kwargs = convert_kwargs
+
+    def setup(self):
+        self.progress = progress.Progress(self.split)
+        self.stats_fn = stats.PixelStatsFn()
+
+    def process(self, element, wnids):
+        shard, items = element
+        name = outputs.shard_name(self.split, shard, self.num_shards)
+        labels = {wnid: label for label, wnid in enumerate(wnids)}
+        accumulator, written = None, 0
+        with self.progress.timed(), tempfile.NamedTemporaryFile(suffix=".tfrecord") as tmp:
+            with tf.io.TFRecordWriter(tmp.name) as writer:
+                for _, item in sorted(items, key=lambda pair: pair[0]):
+                    jpeg, reason = self._convert(item, labels)
+                    self.progress.count(rejected=reason is not None)
+                    if reason is not None:
+                        yield "rejected", (self.split, item.ref.describe(), reason)
+                        continue
+                    pixels = tf.io.decode_jpeg(jpeg, channels=3).numpy()  # As the reader decodes it.
+                    writer.write(_example(jpeg, pixels, item, labels))
+                    written += 1
+                    if self.split == "train":
+                        accumulator = self.stats_fn.add_input(accumulator, pixels)
+            outputs.copy_local_to(tmp.name, FileSystems.join(self.staging_dir, name))
+        if accumulator is not None:
+            yield "stats", accumulator
+        yield "shards", (self.split, name, written)
+
+    def _convert(self, item, labels):
+        if item.wnid is None or item.wnid not in labels:
+            return None, item.reason or unlabelled_reason(self.split, item.wnid)
+        if item.jpeg is not None or item.reason is not None:
+            return item.jpeg, item.reason
+        data = read_with_retries(lambda: sources.read_image(item.ref), item.ref.describe())
+        return images.convert_or_reject(data, **self.convert_kwargs)
 
 
-def _write_bytes(path, data):
-    with FileSystems.create(path) as f:
-        f.write(data)
-
-
-def _delete_matching(folder, globs):
-    for pattern in globs:
-        paths = sources.match(FileSystems.join(folder, pattern))
-        if paths:
-            FileSystems.delete(paths)
-
-
-def stats_files(pixel_stats):
-    """(stats.npz bytes, stats.json text) for the combiner's output."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **pixel_stats)
-    small = {k: v.tolist() for k, v in pixel_stats.items() if k != "mean_image"}
-    small["mean_image_channel_means"] = pixel_stats["mean_image"].mean(axis=(0, 1)).tolist()
-    return buffer.getvalue(), json.dumps(small, indent=2)
-
-
-def summarize(seen, shards, rejected, num_shards):
-    """summary.json's content; raises if any image is unaccounted for."""
-    summary = {"image_size": example_spec.IMAGE_SIZE}
-    for split in SPLITS:
-        written = sum(count for s, _, count in shards if s == split)
-        rejects = sum(1 for s, _, _ in rejected if s == split)
-        sizes = {name: count for s, name, count in shards if s == split}
-        summary[split] = {
-            "seen": seen.get(split, 0),
-            "written": written,
-            "rejected": rejects,
-            "shards": num_shards[split],
-            # Images per shard, in shard order: the reader plans each epoch (and a resumed one) from these.
-            "shard_sizes": [sizes.get(shard_name(split, i, num_shards[split]), 0) for i in range(num_shards[split])],
-        }
-        if summary[split]["seen"] != written + rejects:
-            raise RuntimeError(f"{split}: {seen.get(split, 0)} files seen but {written} written + {rejects} rejected")
-    return summary
-
-
-def labels_file(wnids, class_names):
-    """labels.txt: line i is label i's wnid, then a tab and its name where the source named it."""
-    return "".join(f"{w}\t{class_names[w]}\n" if w in class_names else f"{w}\n" for w in wnids)
+def _example(jpeg, pixels, item, labels):
+    return example_spec.make_example(
+        jpeg=jpeg,
+        height=pixels.shape[0],
+        width=pixels.shape[1],
+        label=labels[item.wnid],
+        synset=item.wnid,
+        filename=os.path.basename(item.ref.relative),
+    )
 
 
 class _FinalizeFn(beam.DoFn):
@@ -318,101 +320,15 @@ class _FinalizeFn(beam.DoFn):
 
     def process(self, unused, shards, seen, rejected, wnids, pixel_stats):
         if not wnids:
-            raise ValueError(f"no class folders with images under {self.output_dir!r}'s input train/<wnid>/")
-        summary = summarize(dict(seen), shards, rejected, self.num_shards)
+            raise ValueError("no class folders train/<wnid>/ (or class tars) with images in the input")
+        summary = outputs.summarize(dict(seen), shards, rejected, self.num_shards)
         summary["classes"] = len(wnids)
-        # Old outputs go first (summary.json, the completion marker, before anything), then the new ones move in.
-        _delete_matching(self.output_dir, OUTPUT_GLOBS + (REJECTED,))
-        written = {name for _, name, _ in shards}
-        for split, n in self.num_shards.items():
-            for name in (shard_name(split, i, n) for i in range(n)):
-                staged = FileSystems.join(self.staging_dir, name)
-                if name not in written:  # A shard no image hashed to: still written, empty, so -of-N holds.
-                    _write_bytes(staged, b"")
-                FileSystems.rename([staged], [FileSystems.join(self.output_dir, name)])
-        FileSystems.delete([self.staging_dir])
-        npz, small = stats_files(pixel_stats)
-        _write_bytes(FileSystems.join(self.output_dir, "stats.npz"), npz)
-        _write_bytes(FileSystems.join(self.output_dir, "stats.json"), small.encode())
-        _write_bytes(FileSystems.join(self.output_dir, "labels.txt"), labels_file(wnids, self.class_names).encode())
-        lines = "".join(f"{s}\t{p}\t{r}\n" for s, p, r in sorted(rejected))
-        _write_bytes(FileSystems.join(self.output_dir, REJECTED), ("split\tpath\treason\n" + lines).encode())
-        _write_bytes(FileSystems.join(self.output_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-        yield summary
-
-
-class Finalize(beam.PTransform):
-    """Once every shard is staged: replace the previous output with this run's, and write the small files."""
-
-    def __init__(self, output_dir, staging_dir, num_shards, class_names, *, shards, seen, rejected, wnids, pixel_stats):
-        super().__init__()
-        self.fn = _FinalizeFn(output_dir, staging_dir, num_shards, class_names)
-        self.inputs = dict(shards=shards, seen=seen, rejected=rejected, wnids=wnids, pixel_stats=pixel_stats)
-
-    def expand(self, pbegin):
-        i = self.inputs
-        return (
-            pbegin
-            | beam.Create([None])
-            | beam.ParDo(
-                self.fn,
-                shards=beam.pvalue.AsList(i["shards"]),
-                seen=beam.pvalue.AsList(i["seen"]),
-                rejected=beam.pvalue.AsList(i["rejected"]),
-                wnids=beam.pvalue.AsSingleton(i["wnids"]),
-                pixel_stats=beam.pvalue.AsSingleton(i["pixel_stats"]),
-            )
-        )
-
-
-class ConvertImageNet(beam.PTransform):
-    """The whole job: raw ImageNet layout in input_dir -> shards, statistics and summaries in output_dir."""
-
-    def __init__(self, *, input_dir, output_dir, num_shards, seed, val_labels_file, convert_kwargs, class_names=None):
-        super().__init__()
-        self.class_names = class_names or {}
-        self.input_dir, self.output_dir, self.num_shards, self.seed = input_dir, output_dir, num_shards, seed
-        self.val_labels_file, self.convert_kwargs = val_labels_file, convert_kwargs
-
-    def expand(self, p):
-        staging_dir = FileSystems.join(self.output_dir, f".staging-{uuid.uuid4().hex}")
-        files = {
-            split: p | f"List{split.title()}" >> ListImages(split, self.input_dir, self.val_labels_file)
-            for split in SPLITS
-        }
-        wnids = (
-            files["train"]
-            | "Wnids" >> beam.Values()
-            | "KnownWnids" >> beam.Filter(bool)
-            | "Distinct" >> beam.Distinct()
-            | "Collect" >> beam.combiners.ToList()
-            | "Sort" >> beam.Map(sorted)
-        )
-        seen, shards, rejected, partial_stats = [], [], [], None
-        for split in SPLITS:
-            name = split.title()
-            count = files[split] | f"Count{name}" >> beam.combiners.Count.Globally()
-            seen.append(count | f"Key{name}" >> beam.Map(lambda n, split=split: (split, n)))
-            converted = files[split] | f"Convert{name}" >> ConvertShards(
-                split,
-                staging_dir=staging_dir,
-                wnids=wnids,
-                num_shards=self.num_shards[split],
-                seed=self.seed,
-                convert_kwargs=self.convert_kwargs,
-            )
-            shards.append(converted.shards)
-            rejected.append(converted.rejected)
-            partial_stats = converted.stats if split == "train" else partial_stats
-        pixel_stats = partial_stats | "PixelStats" >> beam.CombineGlobally(stats.MergeStatsFn()).without_defaults()
-        return p | "Finalize" >> Finalize(
+        outputs.replace_output(self.output_dir, self.staging_dir, self.num_shards, {name for _, name, _ in shards})
+        outputs.write_small_files(
             self.output_dir,
-            staging_dir,
-            self.num_shards,
-            self.class_names,
-            shards=shards | "AllShards" >> beam.Flatten(),
-            seen=seen | "AllSeen" >> beam.Flatten(),
-            rejected=rejected | "AllRejected" >> beam.Flatten(),
-            wnids=wnids,
+            summary=summary,
             pixel_stats=pixel_stats,
+            labels=outputs.labels_file(wnids, self.class_names),
+            rejected=rejected,
         )
+        yield summary

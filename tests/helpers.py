@@ -56,7 +56,7 @@ def run_conversion(input_dir, output_dir, **overrides):
         output_dir=output_dir,
         num_shards={"train": 4, "validation": 2},
         seed=0,
-        val_labels_file=sources.resolve_val_labels(input_dir),
+        val_labels=_val_labels(input_dir),
         convert_kwargs={},
         class_names=sources.resolve_class_names(input_dir),
     )
@@ -64,6 +64,13 @@ def run_conversion(input_dir, output_dir, **overrides):
     with beam.Pipeline(options=PipelineOptions(direct_num_workers=1)) as p:
         _ = p | transforms.ConvertImageNet(**kwargs)
     return output_dir
+
+
+def _val_labels(input_dir):
+    from pipeline import sources
+
+    path = sources.resolve_val_labels(input_dir)
+    return sources.read_val_labels(path) if path else None
 
 
 def run(*args, cwd=ROOT, env=None, timeout=600):

@@ -6,9 +6,9 @@ import collections
 import pytest
 import tensorflow as tf
 
-from model import recipe, training
+from model import training
 from pipeline import input as data_input
-from tests.helpers import TWO_DEVICES
+from tests.helpers import tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +43,7 @@ def test_every_image_is_delivered_once_an_epoch_through_the_service(demo_data, s
 
 
 def test_training_reads_its_batches_from_the_service(demo_data, service, tmp_path):
-    config = recipe.Config(
-        data_dir=demo_data,
-        model_dir=str(tmp_path),
-        epochs=1,
-        batch_size=8,
-        image_size=64,
-        crop_size=64,
-        learning_rate=0.005,
-        weight_std=0.02,
-        mirrored_devices=TWO_DEVICES,
-        eval_crops=1,
-        data_service=service,
-    )
+    config = tiny_run_config(demo_data, tmp_path, epochs=1, batch_size=8, eval_crops=1, data_service=service)
     result = training.train(config)
     assert result["images"] == 20
     step = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))

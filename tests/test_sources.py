@@ -49,14 +49,41 @@ def test_read_image_of_a_file_and_of_a_tar_member(tmp_path):
     data = _tar({"m.JPEG": b"member"})
     (tmp_path / "t.tar").write_bytes(data)
     (_, offset, size) = next(sources.tar_members(io.BytesIO(data)))
-    opened = {}
-    assert (
-        sources.read_image(sources.ImageRef("train/n1/img.JPEG", str(tmp_path / "img.JPEG")), opened) == b"whole file"
-    )
+    assert sources.read_image(sources.ImageRef("train/n1/img.JPEG", str(tmp_path / "img.JPEG"))) == b"whole file"
     ref = sources.ImageRef("train/n1/m.JPEG", str(tmp_path / "t.tar"), offset, size)
-    assert sources.read_image(ref, opened) == b"member"
+    assert sources.read_image(ref) == b"member"
     with pytest.raises(OSError, match="ends inside"):
-        sources.read_image(ref._replace(offset=len(data) - 2), opened)
+        sources.read_image(ref._replace(offset=len(data) - 2))
+
+
+def test_tar_contents_give_each_files_bytes_reading_front_to_back():
+    files = {"a.JPEG": b"x" * 700, "b" * 120 + ".JPEG": b"yz", "empty.JPEG": b""}
+    inner = _tar(files)
+    outer = _tar({"readme.txt": b"?" * 1000, "n1.tar": inner})
+    (_, start, size) = [m for m in sources.tar_members(io.BytesIO(outer)) if m[0] == "n1.tar"][0]
+    contents = list(sources.tar_contents(io.BytesIO(outer), start, size))
+    assert [(name, data) for name, _, data in contents] == list(files.items())
+    for _, offset, data in contents:  # Offsets in the outer file, as the rejected list names them.
+        assert outer[offset : offset + len(data)] == data
+    with pytest.raises(ValueError, match="not a readable uncompressed tar"):
+        list(sources.tar_contents(io.BytesIO(b"\x1f\x8b" + b"gzip, not tar" * 100)))
+
+
+def test_layout_looks_for_one_file_not_all(tmp_path, monkeypatch):
+    """The launcher checks the layout; the job lists the folder (once)."""
+    for i in range(5):
+        (tmp_path / "train" / f"n{i}").mkdir(parents=True)
+        (tmp_path / "train" / f"n{i}" / "a.JPEG").write_bytes(b"x")
+    limits = []
+    match = sources.FileSystems.match
+    monkeypatch.setattr(sources.FileSystems, "match", lambda p, limits=None: limits_seen(p, limits))
+
+    def limits_seen(patterns, given):
+        limits.append(given)
+        return match(patterns, given)
+
+    assert sources.layout(str(tmp_path), "train") == ("folder", None)
+    assert limits == [[1]]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,76 @@
+"""The conversion's progress: a log line per worker every PROGRESS_SECONDS, and the metrics from which the
+launcher prints the conversion's rate and CPU time per image when the job ends."""
+
+import contextlib
+import logging
+import os
+import threading
+import time
+
+import apache_beam as beam
+
+PROGRESS_SECONDS = 10
+SPAN = "conversion_span"
+CPU = "conversion_cpu"
+
+
+class Progress:
+    """Counts one worker's converted and rejected images of a split, and logs them as it goes."""
+
+    def __init__(self, split):
+        self.split, self.done, self.rejected = split, 0, 0
+        self.start = self.last_log = time.time()
+        self.counters = {r: beam.metrics.Metrics.counter(split, "rejected" if r else "written") for r in (0, 1)}
+
+    def count(self, rejected):
+        self.done += 1
+        self.rejected += rejected
+        self.counters[rejected].inc()
+        now = time.time()
+        if now - self.last_log >= PROGRESS_SECONDS:
+            self.last_log = now
+            logging.warning(
+                "%s: %d images on worker %d/%s (%d rejected), %.1f images/s",
+                self.split,
+                self.done,
+                os.getpid(),
+                threading.current_thread().name,
+                self.rejected,
+                self.done / (now - self.start),
+            )
+
+    @contextlib.contextmanager
+    def timed(self):
+        """Records a unit of work's span (from the first started to the last ended, per split) and its CPU time
+        on this thread: the conversion's cost whatever else shares the cores."""
+        started, cpu_started = time.time(), time.thread_time()
+        yield
+        beam.metrics.Metrics.distribution(SPAN, f"{self.split}_start_ms").update(int(started * 1000))
+        beam.metrics.Metrics.distribution(SPAN, f"{self.split}_end_ms").update(int(time.time() * 1000))
+        beam.metrics.Metrics.counter(CPU, "ms").inc(int((time.thread_time() - cpu_started) * 1000))
+
+
+def conversion_span(metrics):
+    """Seconds spent converting, from a finished job's metrics: per split, from its first unit's start to its last
+    unit's end; splits converted one after the other (DirectRunner) add up, overlapping ones count once. None when
+    nothing was converted."""
+    bounds = {}
+    for result in metrics.query(beam.metrics.MetricsFilter().with_namespace(SPAN))["distributions"]:
+        value = result.committed or result.attempted
+        split, edge = result.key.metric.name.rsplit("_", 2)[0], result.key.metric.name.split("_")[-2]
+        bounds.setdefault(split, {})[edge] = value.min if edge == "start" else value.max
+    intervals = sorted((b["start"], b["end"]) for b in bounds.values() if len(b) == 2)
+    if not intervals:
+        return None
+    total, (start, end) = 0, intervals[0]
+    for next_start, next_end in intervals[1:]:
+        if next_start > end:
+            total, start = total + end - start, next_start
+        end = max(end, next_end)
+    return (total + end - start) / 1000
+
+
+def conversion_cpu_seconds(metrics):
+    """CPU seconds the converting workers spent, summed, from a finished job's metrics (None if none)."""
+    results = metrics.query(beam.metrics.MetricsFilter().with_namespace(CPU))["counters"]
+    return sum((r.committed or r.attempted) for r in results) / 1000 if results else None
