@@ -36,6 +36,8 @@ test-slow: $(VENV)/installed
 benchmarks: $(VENV)/installed
 	$(PY) benchmarks/conversion.py
 	$(PY) benchmarks/training_step.py
+	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/serving_resize.py
 
 clean:
 	rm -rf $(VENV) $(DEMO)

@@ -33,7 +33,7 @@ _IMAGES = flags.DEFINE_integer("images", 2000, "Training images in the smaller r
 _WORKERS = flags.DEFINE_integer("workers", 0, "DirectRunner workers (threads or processes); 0: as many as cores.")
 _CORES = flags.DEFINE_integer("cores", os.cpu_count(), "Cores the job may use: the loop's rate is multiplied by this.")
 _MODE = flags.DEFINE_enum(
-    "mode", "multi_threading", ["multi_processing", "multi_threading"], "DirectRunner's --direct_running_mode."
+    "mode", "multi_processing", ["multi_processing", "multi_threading"], "DirectRunner's --direct_running_mode."
 )
 _LAYOUT = flags.DEFINE_enum("layout", "folder", ["folder", "tar"], "Extracted folders or the downloaded tar form.")
 _PHOTOS = flags.DEFINE_string("photos", None, "Glob of real photos to crop the test images from; default: drawings.")

@@ -15,7 +15,6 @@ Flags this module does not know are Beam pipeline options; on DirectRunner both 
 import importlib
 import json
 import logging
-import os
 
 import apache_beam as beam
 from absl import app, flags
@@ -67,10 +66,9 @@ def pipeline_options(beam_args):
         if "--direct_num_workers" not in given:
             direct.direct_num_workers = 0  # One worker per core.
         if "--direct_running_mode" not in given:
-            # The per-image work (PIL, NumPy) mostly releases the GIL: on a few cores threads keep up with processes
-            # and start in half the time (no TensorFlow import per worker); on many, the GIL-held share (~10%)
-            # caps threads, so processes (README, "Conversion").
-            direct.direct_running_mode = "multi_threading" if (os.cpu_count() or 1) <= 4 else "multi_processing"
+            # Processes: the threaded runner lost elements between a stage of long bundles (tars converted as
+            # they are read) and the GroupByKey after it (README, "Conversion"); processes lost none.
+            direct.direct_running_mode = "multi_processing"
     if "--default_sdk_harness_log_level" not in given:
         options.view_as(WorkerOptions).default_sdk_harness_log_level = "WARNING"  # Progress is logged as warnings.
     return options

@@ -52,13 +52,16 @@ class Progress:
 
 def conversion_span(metrics):
     """Seconds spent converting, from a finished job's metrics: per split, from its first unit's start to its last
-    unit's end; splits converted one after the other (DirectRunner) add up, overlapping ones count once. None when
-    nothing was converted."""
+    unit's end, over every step that converts (tars are converted where they are read); splits converted one
+    after the other (DirectRunner) add up, overlapping ones count once. None when nothing was converted."""
     bounds = {}
     for result in metrics.query(beam.metrics.MetricsFilter().with_namespace(SPAN))["distributions"]:
-        value = result.committed or result.attempted
+        value = result.committed or result.attempted  # One result per step that records the split's span.
         split, edge = result.key.metric.name.rsplit("_", 2)[0], result.key.metric.name.split("_")[-2]
-        bounds.setdefault(split, {})[edge] = value.min if edge == "start" else value.max
+        edges = bounds.setdefault(split, {})
+        edges[edge] = (
+            min(edges.get(edge, value.min), value.min) if edge == "start" else max(edges.get(edge, 0), value.max)
+        )
     intervals = sorted((b["start"], b["end"]) for b in bounds.values() if len(b) == 2)
     if not intervals:
         return None
