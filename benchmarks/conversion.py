@@ -36,6 +36,9 @@ _MODE = flags.DEFINE_enum(
     "mode", "multi_processing", ["multi_processing", "multi_threading"], "DirectRunner's --direct_running_mode."
 )
 _LAYOUT = flags.DEFINE_enum("layout", "folder", ["folder", "tar"], "Extracted folders or the downloaded tar form.")
+_TAR_READS = flags.DEFINE_enum(
+    "tar_reads", "auto", ["auto", "in_order", "at_offsets"], "The job's --tar_reads (auto: at offsets, a local disk)."
+)
 _PHOTOS = flags.DEFINE_string("photos", None, "Glob of real photos to crop the test images from; default: drawings.")
 
 CLASSES = 10
@@ -109,7 +112,7 @@ def beam_job(root, workers):
     out = tempfile.mkdtemp()
     args = [sys.executable, "-m", "pipeline.build_tfrecords", f"--input_dir={root}", f"--output_dir={out}"]
     args += ["--train_shards=16", "--validation_shards=1", f"--direct_num_workers={workers}"]
-    args += [f"--direct_running_mode={_MODE.value}"]
+    args += [f"--direct_running_mode={_MODE.value}", f"--tar_reads={_TAR_READS.value}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(
         [sys.executable, "-c", _MEASURE, *args], check=True, capture_output=True, env=env, text=True
@@ -124,7 +127,7 @@ def main(argv):
     files, kind = make_photos(2 * n)
     size = np.mean([len(d) for _, _, d in files]) / 1024
     print(
-        f"{kind}, {size:.0f} KiB per file; input as {_LAYOUT.value}; "
+        f"{kind}, {size:.0f} KiB per file; input as {_LAYOUT.value} (tars read {_TAR_READS.value}); "
         f"DirectRunner {_MODE.value}, {workers} workers on {cores} cores"
     )
     sample = files[:n]

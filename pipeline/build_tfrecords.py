@@ -39,6 +39,14 @@ _CLASS_NAMES = flags.DEFINE_string(
     "Names of the classes, 'wnid name' per line (the ILSVRC devkit's synset_words.txt). Default: "
     "<input_dir>/LOC_synset_mapping.txt or synset_words.txt if present; labels.txt lists them.",
 )
+_TAR_READS = flags.DEFINE_enum(
+    "tar_reads",
+    "auto",
+    ["auto", "in_order", "at_offsets"],
+    "How the downloaded tars are read: in_order (front to back, converting as they come: object stores), "
+    "at_offsets (listed, then each image read by its shard's writer: local disks; only references are shuffled); "
+    "auto: in_order from an object store, at_offsets from the local file system.",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the shuffle that assigns images to shards.")
 _QUALITY = flags.DEFINE_integer("jpeg_quality", images.JPEG_QUALITY, "JPEG quality of the stored images.", 1, 100)
 _MIN_SIDE = flags.DEFINE_integer("min_side", images.MIN_SIDE, "Reject images with a side shorter than this.")
@@ -98,6 +106,7 @@ def main(argv):
         val_labels=val_labels,
         convert_kwargs=dict(quality=_QUALITY.value, min_side=_MIN_SIDE.value, max_pixels=_MAX_PIXELS.value),
         class_names=class_names,
+        tar_reads=_TAR_READS.value,
     )
     p = beam.Pipeline(options=options)
     _ = p | "ConvertImageNet" >> job

@@ -1,10 +1,13 @@
 """The conversion job's transforms, top-down: ConvertImageNet, then its parts, then the DoFns.
 
 Reading: in extracted folders each image is a file of its own, read whole by the worker that writes its shard.
-The downloaded tars are read front to back, once, each class tar (and the validation tar) by one worker that
-converts its images as they come: object stores serve random reads badly (Beam's GCS reader fetches 16 MiB at a
-time, so an image read at a random offset costs 16 MiB), and a tar's members are contiguous. Either way each
-input byte is read about once, and the same images give the same records (README, "Conversion").
+The downloaded tars on an object store are read front to back, once, each class tar (and the validation tar) by
+one worker that converts its images as they come: object stores serve random reads badly (Beam's GCS reader
+fetches 16 MiB at a time, so an image read at a random offset costs 16 MiB), and a tar's members are contiguous.
+On a local or mounted disk random reads are cheap, so the tars are only listed and each image is read at its
+offset by its shard's writer, as a folder's file is: the shuffle then carries references, not JPEGs (the
+DirectRunner holds its shuffle in memory). Either way each input byte is read about once, and the same images
+give the same records (README, "Conversion").
 
 Determinism: each image's shard and its place there come from a seeded hash of its path in the extracted layout,
 so the output depends only on the input and the seed, never on worker timing or on tar vs folder input.
@@ -43,16 +46,28 @@ class ConvertImageNet(beam.PTransform):
     """The whole job: raw ImageNet in input_dir -> shards, statistics and summaries in output_dir."""
 
     def __init__(
-        self, *, input_dir, output_dir, num_shards, seed, val_labels=None, convert_kwargs=None, class_names=None
+        self,
+        *,
+        input_dir,
+        output_dir,
+        num_shards,
+        seed,
+        val_labels=None,
+        convert_kwargs=None,
+        class_names=None,
+        tar_reads="auto",
     ):
         super().__init__()
         self.input_dir, self.output_dir, self.num_shards, self.seed = input_dir, output_dir, num_shards, seed
         self.val_labels, self.convert_kwargs, self.class_names = val_labels, convert_kwargs or {}, class_names or {}
+        self.tar_reads = tar_reads
 
     def expand(self, p):
         staging_dir = outputs.new_staging_dir(self.output_dir)
         read = {
-            split: p | f"Read{split.title()}" >> ReadImages(split, self.input_dir, self.val_labels, self.convert_kwargs)
+            split: p
+            | f"Read{split.title()}"
+            >> ReadImages(split, self.input_dir, self.val_labels, self.convert_kwargs, self.tar_reads)
             for split in outputs.SPLITS
         }
         wnids = read["train"] | "TrainingClasses" >> TrainingClasses()
@@ -82,27 +97,34 @@ class ConvertImageNet(beam.PTransform):
 
 
 class ReadImages(beam.PTransform):
-    """Items for every file of a split, from the extracted folder or the downloaded tar."""
+    """Items for every file of a split, from the extracted folder or the downloaded tar. tar_reads: "in_order"
+    (converted as read front to back), "at_offsets" (listed; each read later at its offset) or "auto" (in order
+    from an object store, at offsets from the local file system)."""
 
-    def __init__(self, split, input_dir, val_labels, convert_kwargs):
+    def __init__(self, split, input_dir, val_labels, convert_kwargs, tar_reads="auto"):
         super().__init__()
         self.split, self.input_dir, self.val_labels, self.convert_kwargs = split, input_dir, val_labels, convert_kwargs
+        self.tar_reads = tar_reads
 
     def expand(self, pbegin):
         folder = "train" if self.split == "train" else "val"
         kind, tar = sources.layout(self.input_dir, folder)
-        convert = _ConvertTarFn(self.split, self.val_labels, self.convert_kwargs)
+        if kind == "tar":
+            if reads_in_order(self.tar_reads, tar):
+                step, fn = "ReadAndConvert", _ConvertTarFn(self.split, self.val_labels, self.convert_kwargs)
+            else:
+                step, fn = "List", _ListTarFn(self.split, self.val_labels)
         if kind == "tar" and folder == "train":  # A tar of class tars: each class tar read by one worker.
             return (
                 pbegin
                 | "Tar" >> beam.Create([tar])
                 | "ClassTars" >> beam.FlatMap(_class_tars)
                 | "SpreadClassTars" >> beam.Reshuffle()
-                | "ReadAndConvert" >> beam.ParDo(convert)
+                | step >> beam.ParDo(fn)
             )
         if kind == "tar":
             tar_ref = sources.ImageRef("val", tar, 0, -1)
-            return pbegin | "Tar" >> beam.Create([tar_ref]) | "ReadAndConvert" >> beam.ParDo(convert)
+            return pbegin | "Tar" >> beam.Create([tar_ref]) | step >> beam.ParDo(fn)
         patterns = sources.folder_patterns(self.input_dir, folder) if kind else []  # Absent: an empty split.
         return (
             pbegin
@@ -197,6 +219,12 @@ def _file_item(match, root, val_labels):
     return Item(ref, sources.label_of(ref.relative, val_labels))
 
 
+def reads_in_order(tar_reads, tar):
+    if tar_reads == "auto":
+        return FileSystems.get_scheme(tar) not in (None, "file")  # gs://, s3://, ...: an object store.
+    return tar_reads == "in_order"
+
+
 def _class_tars(tar):
     """The class tars <wnid>.tar inside the training tar (reading only headers)."""
     with sources.open_file(tar) as f, _naming(tar):
@@ -243,17 +271,44 @@ class _ConvertTarFn(beam.DoFn):
         self.progress = progress.Progress(self.split)
 
     def process(self, tar):
-        folder = f"train/{os.path.splitext(os.path.basename(tar.relative))[0]}" if self.split == "train" else "val"
         if self.split == "train" and not tar.relative.endswith(".tar"):  # Not a class tar: rejected as unlabelled.
             yield Item(tar, None)
             return
         with self.progress.timed(), sources.open_file(tar.source) as f, _naming(tar.describe()):
-            for name, offset, data in sources.tar_contents(f, max(tar.offset, 0), tar.size if tar.size >= 0 else None):
-                relative = f"{folder}/{os.path.basename(name) if self.split == 'train' else name}"
-                ref = sources.ImageRef(relative, tar.source, offset, len(data))
+            for name, offset, data in sources.tar_contents(f, *_window(tar)):
+                ref = sources.ImageRef(_member_path(self.split, tar, name), tar.source, offset, len(data))
                 jpeg, reason = images.convert_or_reject(data, **self.convert_kwargs)
                 self.progress.count(rejected=reason is not None)
-                yield Item(ref, sources.label_of(relative, self.val_labels), jpeg, reason)
+                yield Item(ref, sources.label_of(ref.relative, self.val_labels), jpeg, reason)
+
+
+class _ListTarFn(beam.DoFn):
+    """Lists a tar's images, reading only its headers: ImageRef of a tar -> an Item per regular file, at its
+    offset, for its shard's writer to read and convert."""
+
+    def __init__(self, split, val_labels):
+        self.split, self.val_labels = split, val_labels
+
+    def process(self, tar):
+        if self.split == "train" and not tar.relative.endswith(".tar"):
+            yield Item(tar, None)
+            return
+        with sources.open_file(tar.source) as f, _naming(tar.describe()):
+            for name, offset, size in sources.tar_members(f, *_window(tar)):
+                ref = sources.ImageRef(_member_path(self.split, tar, name), tar.source, offset, size)
+                yield Item(ref, sources.label_of(ref.relative, self.val_labels))
+
+
+def _window(tar):
+    """(start, size) of a tar inside its file: a class tar inside the training tar, or a whole file."""
+    return max(tar.offset, 0), tar.size if tar.size >= 0 else None
+
+
+def _member_path(split, tar, name):
+    """A tar member's path in the extracted layout: train/<wnid>/<file> (wnid from the class tar's name) or val/..."""
+    if split == "train":
+        return f"train/{os.path.splitext(os.path.basename(tar.relative))[0]}/{os.path.basename(name)}"
+    return f"val/{name}"
 
 
 class _WriteShardFn(beam.DoFn):

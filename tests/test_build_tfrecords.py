@@ -116,14 +116,15 @@ def demo_tars(demo_raw, tmp_path_factory):
     return root
 
 
-def test_downloaded_tars_give_the_same_output_as_extracted_folders(demo_tars, demo_data, tmp_path):
+@pytest.mark.parametrize("tar_reads", ["in_order", "at_offsets"])
+def test_downloaded_tars_give_the_same_output_as_extracted_folders(demo_tars, demo_data, tmp_path, tar_reads):
     assert sorted(os.listdir(demo_tars)) == [
         "ILSVRC2012_img_train.tar",
         "ILSVRC2012_img_val.tar",
         demo_module.CLASS_NAMES,
         demo_module.VAL_LABELS,
     ]
-    out = run_conversion(demo_tars, str(tmp_path / "out"))
+    out = run_conversion(demo_tars, str(tmp_path / "out"), tar_reads=tar_reads)
     assert sorted(os.listdir(out)) == sorted(os.listdir(demo_data))
     for name in sorted(os.listdir(demo_data)):
         if name not in ("rejected.tsv", "stats.npz"):  # The npz zip holds write times: compared by its arrays.
@@ -138,8 +139,9 @@ def test_downloaded_tars_give_the_same_output_as_extracted_folders(demo_tars, de
     assert row[1].endswith("_truncated.JPEG") and "truncated" in row[2]
 
 
-def test_an_unreadable_tar_stops_the_job_naming_it(tmp_path):
+@pytest.mark.parametrize("tar_reads", ["in_order", "at_offsets"])
+def test_an_unreadable_tar_stops_the_job_naming_it(tmp_path, tar_reads):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "ILSVRC2012_img_train.tar").write_bytes(b"\x1f\x8b" + b"gzipped, not a plain tar" * 100)
     with pytest.raises(Exception, match="ILSVRC2012_img_train.tar: not a readable uncompressed tar"):
-        run_conversion(str(tmp_path / "in"), str(tmp_path / "out"), val_labels=None)
+        run_conversion(str(tmp_path / "in"), str(tmp_path / "out"), val_labels=None, tar_reads=tar_reads)

@@ -94,7 +94,7 @@ def test_tars_converted_by_two_local_workers_lose_nothing(tmp_path):
     raw, tars = tmp_path / "raw", tmp_path / "tars"
     counts = demo_data.write_demo_dataset(str(raw), train_per_class=150, val_per_class=1)
     demo_data.write_as_tars(str(raw), str(tars))
-    for attempt in range(3):
+    for attempt, tar_reads in enumerate(["in_order", "in_order", "at_offsets"]):
         out = tmp_path / f"out{attempt}"
         args = [
             "-m",
@@ -102,6 +102,7 @@ def test_tars_converted_by_two_local_workers_lose_nothing(tmp_path):
             f"--input_dir={tars}",
             f"--output_dir={out}",
             "--direct_num_workers=2",
+            f"--tar_reads={tar_reads}",
         ]
         result = run(*args, "--train_shards=8", "--validation_shards=1")
         assert result.returncode == 0, result.stderr[-3000:]

@@ -198,3 +198,11 @@ def test_workers_get_the_validation_labels_as_data_not_as_a_path(demo_raw, tmp_p
         if name.startswith("validation-"):
             with open(os.path.join(out, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
                 assert a.read() == b.read(), name
+
+
+def test_tars_are_read_in_order_from_object_stores_and_at_offsets_from_the_local_disk(tmp_path):
+    assert transforms.reads_in_order("auto", object_store.url(tmp_path / "ILSVRC2012_img_train.tar"))
+    assert transforms.reads_in_order("auto", "gs://bucket/ILSVRC2012_img_train.tar")
+    assert not transforms.reads_in_order("auto", str(tmp_path / "ILSVRC2012_img_train.tar"))
+    assert not transforms.reads_in_order("at_offsets", "gs://bucket/ILSVRC2012_img_train.tar")
+    assert transforms.reads_in_order("in_order", str(tmp_path / "ILSVRC2012_img_train.tar"))
