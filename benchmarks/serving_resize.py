@@ -1,7 +1,7 @@
 r"""How far the served preprocessing (model/serving.py: TensorFlow's decode and antialiased bicubic resize) is
 from what training saw (pipeline/images.py: Pillow's, then the record's JPEG at quality 90, decoded).
 
-    python benchmarks/serving_resize.py [--photos='GLOB'] [--model_dir=RUN --data_dir=DATA]
+    python benchmarks/serving_resize.py [--photos='GLOB'] [--model_dir=RUN --raw_dir=RAW [--data_dir=DATA]]
 
 Prints the mean and 99th-percentile absolute difference, in 0..255 pixel values of the 256x256 centre crop,
 between (a) the served pixels and the converter's pixels before JPEG encoding, (b) the served pixels and the
@@ -87,6 +87,8 @@ def errors_both_ways(model_dir, data_dir, raw_dir):
 
 def main(argv):
     del argv
+    if _MODEL_DIR.value and not _RAW_DIR.value:
+        raise app.UsageError("--model_dir needs --raw_dir, the raw images its data came from (the demo's: demo/raw)")
     encoded, kind = photos()
     diffs = differences(encoded)
     print(f"{kind}, 256x256 centre crops, absolute difference in 0..255 (mean; 99th percentile):")
