@@ -24,4 +24,9 @@ def test_demo_data_to_trained_model(tmp_path):
     assert "top-1 error" in result.stdout and "top-5 error" in result.stdout
     with open(model / "eval.json") as f:
         assert json.load(f)["images"] == 100
-    assert {"train", "validation", "eval", "flags.txt", "latest.weights.h5"} <= set(os.listdir(model))
+    logs = {"train", "validation", "eval"}
+    assert logs | {"flags.txt", "config.json", "labels.txt", "checkpoints", "best"} <= set(os.listdir(model))
+    with open(data / "summary.json") as f, open(model / "config.json") as g:
+        steps = 2 * (json.load(f)["train"]["written"] // json.load(g)["batch_size"])  # Whole batches, 2 epochs.
+    with open(model / "checkpoints" / "checkpoint") as f:  # The last step's checkpoint, for evaluate and export.
+        assert f.readline().strip() == f'model_checkpoint_path: "ckpt-{steps}"'
