@@ -47,6 +47,9 @@ _TAR_READS = flags.DEFINE_enum(
     "at_offsets (listed, then each image read by its shard's writer: local disks; only references are shuffled); "
     "auto: in_order from an object store, at_offsets from the local file system.",
 )
+_PROGRESS_SECONDS = flags.DEFINE_float(
+    "progress_seconds", progress.PROGRESS_SECONDS, "Each worker logs its progress this often.", lower_bound=0
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the shuffle that assigns images to shards.")
 _QUALITY = flags.DEFINE_integer("jpeg_quality", images.JPEG_QUALITY, "JPEG quality of the stored images.", 1, 100)
 _MIN_SIDE = flags.DEFINE_integer("min_side", images.MIN_SIDE, "Reject images with a side shorter than this.")
@@ -85,6 +88,9 @@ def pipeline_options(beam_args):
 def main(argv):
     input_dir, output_dir = _INPUT_DIR.value, _OUTPUT_DIR.value
     options = pipeline_options(argv[1:])
+    if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+        # Worker processes print their own log lines; the runner would relay each again as one long line.
+        logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     if sources.layout(input_dir, "train")[0] is None:
         raise app.UsageError(
             f"--input_dir={input_dir} has neither train/<wnid>/ folders nor {sources.TARS['train']}: "
@@ -107,6 +113,7 @@ def main(argv):
         convert_kwargs=dict(quality=_QUALITY.value, min_side=_MIN_SIDE.value, max_pixels=_MAX_PIXELS.value),
         class_names=class_names,
         tar_reads=_TAR_READS.value,
+        progress_seconds=_PROGRESS_SECONDS.value,
     )
     p = beam.Pipeline(options=options)
     _ = p | "ConvertImageNet" >> job

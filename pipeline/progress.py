@@ -15,10 +15,10 @@ CPU = "conversion_cpu"
 
 
 class Progress:
-    """Counts one worker's converted and rejected images of a split, and logs them as it goes."""
+    """Counts one worker's converted and rejected images of a split, and logs them every `seconds`."""
 
-    def __init__(self, split):
-        self.split, self.done, self.rejected = split, 0, 0
+    def __init__(self, split, seconds=PROGRESS_SECONDS):
+        self.split, self.seconds, self.done, self.rejected = split, seconds, 0, 0
         self.start = self.last_log = time.time()
         self.counters = {r: beam.metrics.Metrics.counter(split, "rejected" if r else "written") for r in (0, 1)}
 
@@ -27,7 +27,7 @@ class Progress:
         self.rejected += rejected
         self.counters[rejected].inc()
         now = time.time()
-        if now - self.last_log >= PROGRESS_SECONDS:
+        if now - self.last_log >= self.seconds:
             self.last_log = now
             logging.warning(
                 "%s: %d images on worker %d/%s (%d rejected), %.1f images/s",

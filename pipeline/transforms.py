@@ -56,25 +56,30 @@ class ConvertImageNet(beam.PTransform):
         convert_kwargs=None,
         class_names=None,
         tar_reads="auto",
+        progress_seconds=progress.PROGRESS_SECONDS,
     ):
         super().__init__()
         self.input_dir, self.output_dir, self.num_shards, self.seed = input_dir, output_dir, num_shards, seed
         self.val_labels, self.convert_kwargs, self.class_names = val_labels, convert_kwargs or {}, class_names or {}
-        self.tar_reads = tar_reads
+        self.tar_reads, self.progress_seconds = tar_reads, progress_seconds
 
     def expand(self, p):
         staging_dir = outputs.new_staging_dir(self.output_dir)
         read = {
             split: p
             | f"Read{split.title()}"
-            >> ReadImages(split, self.input_dir, self.val_labels, self.convert_kwargs, self.tar_reads)
+            >> ReadImages(
+                split, self.input_dir, self.val_labels, self.convert_kwargs, self.tar_reads, self.progress_seconds
+            )
             for split in outputs.SPLITS
         }
         wnids = read["train"] | "TrainingClasses" >> TrainingClasses()
         written = {
             split: read[split]
             | f"Write{split.title()}"
-            >> WriteShards(split, staging_dir, wnids, self.num_shards[split], self.seed, self.convert_kwargs)
+            >> WriteShards(
+                split, staging_dir, wnids, self.num_shards[split], self.seed, self.convert_kwargs, self.progress_seconds
+            )
             for split in outputs.SPLITS
         }
         seen = [
@@ -101,17 +106,20 @@ class ReadImages(beam.PTransform):
     (converted as read front to back), "at_offsets" (listed; each read later at its offset) or "auto" (in order
     from an object store, at offsets from the local file system)."""
 
-    def __init__(self, split, input_dir, val_labels, convert_kwargs, tar_reads="auto"):
+    def __init__(
+        self, split, input_dir, val_labels, convert_kwargs, tar_reads="auto", progress_seconds=progress.PROGRESS_SECONDS
+    ):
         super().__init__()
         self.split, self.input_dir, self.val_labels, self.convert_kwargs = split, input_dir, val_labels, convert_kwargs
-        self.tar_reads = tar_reads
+        self.tar_reads, self.progress_seconds = tar_reads, progress_seconds
 
     def expand(self, pbegin):
         folder = "train" if self.split == "train" else "val"
         kind, tar = sources.layout(self.input_dir, folder)
         if kind == "tar":
             if reads_in_order(self.tar_reads, tar):
-                step, fn = "ReadAndConvert", _ConvertTarFn(self.split, self.val_labels, self.convert_kwargs)
+                fn = _ConvertTarFn(self.split, self.val_labels, self.convert_kwargs, self.progress_seconds)
+                step = "ReadAndConvert"
             else:
                 step, fn = "List", _ListTarFn(self.split, self.val_labels)
         if kind == "tar" and folder == "train":  # A tar of class tars: each class tar read by one worker.
@@ -153,10 +161,12 @@ class WriteShards(beam.PTransform):
     reason) and, for training, stats (a partial statistics accumulator per shard). Only the small (key, item) pairs of
     the folders, and the tars' converted JPEGs, go through the shuffle."""
 
-    def __init__(self, split, staging_dir, wnids, num_shards, seed, convert_kwargs):
+    def __init__(
+        self, split, staging_dir, wnids, num_shards, seed, convert_kwargs, progress_seconds=progress.PROGRESS_SECONDS
+    ):
         super().__init__()
         self.split, self.wnids, self.num_shards, self.seed = split, wnids, num_shards, seed
-        self.fn = _WriteShardFn(split, staging_dir, num_shards, convert_kwargs)
+        self.fn = _WriteShardFn(split, staging_dir, num_shards, convert_kwargs, progress_seconds)
 
     def expand(self, items):
         written = (
@@ -264,11 +274,12 @@ class _ConvertTarFn(beam.DoFn):
     """Reads a tar front to back and converts its images as they come: ImageRef of a tar (the validation tar, or
     a class tar inside the training tar) -> an Item per regular file, named by its place in the extracted layout."""
 
-    def __init__(self, split, val_labels, convert_kwargs):
+    def __init__(self, split, val_labels, convert_kwargs, progress_seconds=progress.PROGRESS_SECONDS):
         self.split, self.val_labels, self.convert_kwargs = split, val_labels, convert_kwargs
+        self.progress_seconds = progress_seconds
 
     def setup(self):
-        self.progress = progress.Progress(self.split)
+        self.progress = progress.Progress(self.split, self.progress_seconds)
 
     def process(self, tar):
         if self.split == "train" and not tar.relative.endswith(".tar"):  # Not a class tar: rejected as unlabelled.
@@ -317,12 +328,12 @@ class _WriteShardFn(beam.DoFn):
     statistics of the images as stored: decoded from the JPEGs written, what the reader delivers). Images not
     converted yet (folders) are read and converted here, one at a time."""
 
-    def __init__(self, split, staging_dir, num_shards, convert_kwargs):
+    def __init__(self, split, staging_dir, num_shards, convert_kwargs, progress_seconds=progress.PROGRESS_SECONDS):
         self.split, self.staging_dir, self.num_shards = split, staging_dir, num_shards
-        self.convert_kwargs = convert_kwargs
+        self.convert_kwargs, self.progress_seconds = convert_kwargs, progress_seconds
 
     def setup(self):
-        self.progress = progress.Progress(self.split)
+        self.progress = progress.Progress(self.split, self.progress_seconds)
         self.stats_fn = stats.PixelStatsFn()
 
     def process(self, element, wnids):

@@ -12,11 +12,16 @@ from tests.helpers import run as _run
 def test_build_tfrecords_with_parallel_workers(demo_raw, tmp_path):
     out = tmp_path / "out"
     args = ["-m", "pipeline.build_tfrecords", f"--input_dir={demo_raw}", f"--output_dir={out}", "--train_shards=2"]
-    result = _run(*args, "--validation_shards=1", "--direct_num_workers=2")
+    result = _run(*args, "--validation_shards=1", "--direct_num_workers=2", "--progress_seconds=0")
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / "summary.json") as f:
         summary = json.load(f)
     assert summary["train"]["seen"] == summary["train"]["written"] + summary["train"]["rejected"]
+    # Every 0 s: a line per image, each printed once (the runner's relay of the workers' lines is silenced).
+    progress = re.findall(r"(train|validation): \d+ images on worker (\d+)/", result.stderr)
+    for split in ("train", "validation"):
+        assert sum(s == split for s, _ in progress) == summary[split]["seen"], result.stderr[-3000:]
+    assert len({pid for _, pid in progress}) == 2  # Both worker processes report.
     assert f"Wrote {out}" in result.stdout
     assert re.search(r"Converted \d+ images in [0-9.]+ s .*: [0-9.]+ images/s", result.stdout), result.stdout
 
