@@ -118,21 +118,20 @@ class ReadImages(beam.PTransform):
         kind, tar = sources.layout(self.input_dir, folder)
         if kind == "tar":
             if reads_in_order(self.tar_reads, tar):
-                fn = _ConvertTarFn(self.split, self.val_labels, self.convert_kwargs, self.progress_seconds)
-                step = "ReadAndConvert"
+                read = "ReadAndConvert" >> beam.ParDo(
+                    _ConvertTarFn(self.split, self.val_labels, self.convert_kwargs, self.progress_seconds)
+                )
             else:
-                step, fn = "List", _ListTarFn(self.split, self.val_labels)
-        if kind == "tar" and folder == "train":  # A tar of class tars: each class tar read by one worker.
-            return (
+                read = "List" >> beam.ParDo(_ListTarFn(self.split, self.val_labels))
+            if folder == "val":
+                return pbegin | "Tar" >> beam.Create([sources.ImageRef("val", tar, 0, -1)]) | read
+            return (  # A tar of class tars: each class tar read by one worker.
                 pbegin
                 | "Tar" >> beam.Create([tar])
                 | "ClassTars" >> beam.FlatMap(_class_tars)
                 | "SpreadClassTars" >> beam.Reshuffle()
-                | step >> beam.ParDo(fn)
+                | read
             )
-        if kind == "tar":
-            tar_ref = sources.ImageRef("val", tar, 0, -1)
-            return pbegin | "Tar" >> beam.Create([tar_ref]) | step >> beam.ParDo(fn)
         patterns = sources.folder_patterns(self.input_dir, folder) if kind else []  # Absent: an empty split.
         return (
             pbegin
