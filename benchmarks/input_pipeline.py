@@ -18,7 +18,6 @@ Last: decoding images/s per core, and how many host cores (or service workers) o
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -113,21 +112,13 @@ def start_service(workers=2):
     """A dispatcher and worker processes on loopback, as users start them; returns (address, processes)."""
     command = [sys.executable, "-m", "pipeline.data_service"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    (port,) = _free_ports(1)
-    processes = [subprocess.Popen([*command, "--role=dispatcher", f"--port={port}"], env=env)]
+    dispatcher = subprocess.Popen([*command, "--role=dispatcher"], env=env, stdout=subprocess.PIPE, text=True)
+    address = dispatcher.stdout.readline().split()[-1]  # "... serving at grpc://localhost:PORT" (any free port).
+    processes = [dispatcher]
     for _ in range(workers):
-        processes.append(subprocess.Popen([*command, "--role=worker", f"--dispatcher=localhost:{port}"], env=env))
-    return f"grpc://localhost:{port}", processes
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+        worker = [*command, "--role=worker", f"--dispatcher={address.removeprefix('grpc://')}"]
+        processes.append(subprocess.Popen(worker, env=env))
+    return address, processes
 
 
 def report(rates, name, reference, target):
