@@ -5,6 +5,7 @@ bytes, and the final step moves what is still staged and keeps what an earlier a
 
 import io
 import json
+import shutil
 import uuid
 
 import numpy as np
@@ -38,8 +39,7 @@ def write_bytes(path, data):
 
 def copy_local_to(local_path, destination):
     with open(local_path, "rb") as src, FileSystems.create(destination) as dst:
-        while chunk := src.read(16 << 20):
-            dst.write(chunk)
+        shutil.copyfileobj(src, dst, 16 << 20)
 
 
 def replace_output(output_dir, staging_dir, num_shards, written):

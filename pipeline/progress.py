@@ -10,7 +10,7 @@ import time
 import apache_beam as beam
 
 PROGRESS_SECONDS = 10
-SPAN = "conversion_span"
+SPAN_START, SPAN_END = "conversion_start_ms", "conversion_end_ms"  # Per split (the metric's name).
 CPU = "conversion_cpu"
 
 
@@ -45,8 +45,8 @@ class Progress:
         on this thread: the conversion's cost whatever else shares the cores."""
         started, cpu_started = time.time(), time.thread_time()
         yield
-        beam.metrics.Metrics.distribution(SPAN, f"{self.split}_start_ms").update(int(started * 1000))
-        beam.metrics.Metrics.distribution(SPAN, f"{self.split}_end_ms").update(int(time.time() * 1000))
+        beam.metrics.Metrics.distribution(SPAN_START, self.split).update(int(started * 1000))
+        beam.metrics.Metrics.distribution(SPAN_END, self.split).update(int(time.time() * 1000))
         beam.metrics.Metrics.counter(CPU, "ms").inc(int((time.thread_time() - cpu_started) * 1000))
 
 
@@ -54,15 +54,8 @@ def conversion_span(metrics):
     """Seconds spent converting, from a finished job's metrics: per split, from its first unit's start to its last
     unit's end, over every step that converts (tars are converted where they are read); splits converted one
     after the other (DirectRunner) add up, overlapping ones count once. None when nothing was converted."""
-    bounds = {}
-    for result in metrics.query(beam.metrics.MetricsFilter().with_namespace(SPAN))["distributions"]:
-        value = result.committed or result.attempted  # One result per step that records the split's span.
-        split, edge = result.key.metric.name.rsplit("_", 2)[0], result.key.metric.name.split("_")[-2]
-        edges = bounds.setdefault(split, {})
-        edges[edge] = (
-            min(edges.get(edge, value.min), value.min) if edge == "start" else max(edges.get(edge, 0), value.max)
-        )
-    intervals = sorted((b["start"], b["end"]) for b in bounds.values() if len(b) == 2)
+    starts, ends = _edges(metrics, SPAN_START, min), _edges(metrics, SPAN_END, max)
+    intervals = sorted((starts[split], ends[split]) for split in starts.keys() & ends.keys())
     if not intervals:
         return None
     total, (start, end) = 0, intervals[0]
@@ -71,6 +64,15 @@ def conversion_span(metrics):
             total, start = total + end - start, next_start
         end = max(end, next_end)
     return (total + end - start) / 1000
+
+
+def _edges(metrics, namespace, pick):
+    """{split: the earliest start (pick=min) or latest end (pick=max)} over every step that records the split."""
+    edges = {}
+    for result in metrics.query(beam.metrics.MetricsFilter().with_namespace(namespace))["distributions"]:
+        value = getattr(result.committed or result.attempted, pick.__name__)
+        edges[result.key.metric.name] = pick(edges.get(result.key.metric.name, value), value)
+    return edges
 
 
 def conversion_cpu_seconds(metrics):
