@@ -26,15 +26,18 @@ def images_from_files(paths, image_size):
 
 
 def _update(best, query_features, images, labels, feats):
-    """The best k (distance, image, label) per query after a batch; distances squared, k kept sorted."""
+    """The best k (distance, image, label) per query after a batch; distances squared, k kept sorted. The batch's
+    images are gathered once per pick, never copied per query."""
     distances, best_images, best_labels = best
+    count, k = tf.shape(distances)[0], tf.shape(distances)[1]
     new = tf.reduce_sum(tf.square(query_features[:, None, :] - feats[None, :, :]), axis=-1)  # [queries, batch]
     all_distances = tf.concat([distances, new], axis=1)
-    count = tf.shape(query_features)[0]
-    all_images = tf.concat([best_images, tf.repeat(images[None], count, axis=0)], axis=1)
-    all_labels = tf.concat([best_labels, tf.repeat(labels[None], count, axis=0)], axis=1)
-    _, order = tf.math.top_k(-all_distances, k=tf.shape(distances)[1])
-    return tuple(tf.gather(t, order, batch_dims=1) for t in (all_distances, all_images, all_labels))
+    _, order = tf.math.top_k(-all_distances, k=k)  # Into [the query's k kept, then the batch].
+    # One pool of candidates: every query's kept k (row q's at q * k), then the batch.
+    pick = tf.where(order < k, tf.range(count)[:, None] * k + order, count * k + order - k)
+    pool_images = tf.concat([tf.reshape(best_images, [-1, *images.shape[1:]]), images], axis=0)
+    pool_labels = tf.concat([tf.reshape(best_labels, [-1]), labels], axis=0)
+    return tf.gather(all_distances, order, batch_dims=1), tf.gather(pool_images, pick), tf.gather(pool_labels, pick)
 
 
 def nearest(model, query_images, files, sizes, *, k=6, batch_size=128):
