@@ -285,10 +285,19 @@ def train_epoch(run, epoch, progress):
 def _next_step(run, iterator, step, epoch):
     try:
         return run.train_step(iterator, tf.constant(step, tf.int64))
-    except tf.errors.DataLossError as e:
+    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
+        # A corrupt record fails the input of the replica that reads it; with several devices another replica may
+        # see its input end first (OutOfRangeError): the planned steps never run out otherwise.
         bad = checks.corrupt_shards(run.data.files["train"])
-        named = "; ".join(f"{path} ({reason})" for path, reason in bad) or e.message
-        raise checks.DataError(f"a training shard is corrupt: {named}. Convert the data again") from None
+        named = "; ".join(f"{path} ({reason})" for path, reason in bad)
+        if named or isinstance(e, tf.errors.DataLossError):
+            raise checks.DataError(
+                f"a training shard is corrupt: {named or e.message}. Convert the data again"
+            ) from None
+        raise checks.DataError(
+            f"the training shards ran out at step {step + 1} (epoch {epoch + 1}), before the steps summary.json "
+            "plans: they hold fewer records than it lists. Convert the data again"
+        ) from None
 
 
 def _set_state(state, **values):

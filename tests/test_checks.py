@@ -124,6 +124,13 @@ def test_a_corrupt_shard_stops_training_with_its_name(data_copy, tmp_path):
         training.train(_config(data_copy, tmp_path / "m"))
 
 
+def test_shards_holding_fewer_records_than_the_summary_lists_stop_training(data_copy, tmp_path):
+    for shard in sorted(p for p in os.listdir(data_copy) if p.startswith("train-"))[:2]:
+        (data_copy / shard).write_bytes(b"")  # Whole records gone: readable, but the epoch's plan is short.
+    with pytest.raises(checks.DataError, match=r"the training shards ran out at step \d+ \(epoch 1\)"):
+        training.train(_config(data_copy, tmp_path / "m"))
+
+
 def test_the_command_exits_non_zero_with_the_message(demo_data, tmp_path):
     result = run("train.py", f"--data_dir={demo_data}", f"--model_dir={tmp_path}", "--learning_rate=-1", "--epochs=1")
     assert result.returncode != 0
