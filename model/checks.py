@@ -167,6 +167,19 @@ def corrupt_shards(paths):
     return bad
 
 
+def data_error(files, split, error, where):
+    """The DataError for a split's input that failed (DataLossError) or ran out (OutOfRangeError, or fewer images
+    than summary.json lists): the corrupt shards by name when a scan finds them, else what was seen."""
+    bad = corrupt_shards(files)
+    if bad or isinstance(error, tf.errors.DataLossError):
+        named = "; ".join(f"{path} ({reason})" for path, reason in bad) or error.message
+        return DataError(f"a {split} shard is corrupt: {named}. Convert the data again")
+    return DataError(
+        f"the {split} shards ran out {where}, before the images summary.json lists: they hold fewer records than "
+        "it lists. Convert the data again"
+    )
+
+
 def finite(values, what):
     if not np.all(np.isfinite(values)):
         raise FloatingPointError(what)

@@ -4,7 +4,7 @@ batched over the replicas of any strategy; with the per-class errors and the mos
 import numpy as np
 import tensorflow as tf
 
-from model import augment
+from model import augment, checks
 from pipeline import input as data_input
 
 MOST_CONFUSED = 20
@@ -70,9 +70,15 @@ def evaluate(model, strategy, files, sizes, *, batch_size, image_size, crops, la
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in outputs.items()}
 
     totals = None
-    for batch in dataset:
-        result = {k: v.numpy() for k, v in step(batch).items()}
-        totals = result if totals is None else {k: totals[k] + v for k, v in result.items()}
+    try:
+        for batch in dataset:
+            result = {k: v.numpy() for k, v in step(batch).items()}
+            totals = result if totals is None else {k: totals[k] + v for k, v in result.items()}
+    except tf.errors.DataLossError as e:
+        raise checks.data_error(files, "validation", e, "during the evaluation") from None
+    seen = int(totals["per_class"][0].sum())
+    if seen != int(np.sum(sizes)):  # A short shard is padded like the last batch, or one replica's input ended.
+        raise checks.data_error(files, "validation", None, f"after {seen} of {int(np.sum(sizes))} images")
     return summarize(totals, labels, crops)
 
 

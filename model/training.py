@@ -288,16 +288,8 @@ def _next_step(run, iterator, step, epoch):
     except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
         # A corrupt record fails the input of the replica that reads it; with several devices another replica may
         # see its input end first (OutOfRangeError): the planned steps never run out otherwise.
-        bad = checks.corrupt_shards(run.data.files["train"])
-        named = "; ".join(f"{path} ({reason})" for path, reason in bad)
-        if named or isinstance(e, tf.errors.DataLossError):
-            raise checks.DataError(
-                f"a training shard is corrupt: {named or e.message}. Convert the data again"
-            ) from None
-        raise checks.DataError(
-            f"the training shards ran out at step {step + 1} (epoch {epoch + 1}), before the steps summary.json "
-            "plans: they hold fewer records than it lists. Convert the data again"
-        ) from None
+        where = f"at step {step + 1} (epoch {epoch + 1})"
+        raise checks.data_error(run.data.files["train"], "training", e, where) from None
 
 
 def _set_state(state, **values):

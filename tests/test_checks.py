@@ -131,6 +131,17 @@ def test_shards_holding_fewer_records_than_the_summary_lists_stop_training(data_
         training.train(_config(data_copy, tmp_path / "m"))
 
 
+def test_a_corrupt_or_short_validation_shard_stops_the_evaluation_with_its_name(data_copy, tmp_path):
+    shard = sorted(p for p in os.listdir(data_copy) if p.startswith("validation-"))[0]
+    data = (data_copy / shard).read_bytes()
+    (data_copy / shard).write_bytes(data[: len(data) // 2] + b"\xff" * 64 + data[len(data) // 2 + 64 :])
+    with pytest.raises(checks.DataError, match=f"a validation shard is corrupt: {data_copy / shard} "):
+        training.train(_config(data_copy, tmp_path / "m"))
+    (data_copy / shard).write_bytes(b"")  # Readable, but the images summary.json lists are not all there.
+    with pytest.raises(checks.DataError, match=r"the validation shards ran out after \d+ of \d+ images"):
+        training.train(_config(data_copy, tmp_path / "m"))
+
+
 def test_the_command_exits_non_zero_with_the_message(demo_data, tmp_path):
     result = run("train.py", f"--data_dir={demo_data}", f"--model_dir={tmp_path}", "--learning_rate=-1", "--epochs=1")
     assert result.returncode != 0
