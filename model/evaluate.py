@@ -69,7 +69,10 @@ def main(argv):
         sys.exit(f"model.evaluate: {e}")
     crops = int(_CROPS.value)
     kwargs = dict(batch_size=batch_size, image_size=settings["image_size"], crops=crops, labels=labels)
-    result = evaluation.evaluate(model, strategy, files, sizes, **kwargs)
+    try:
+        result = evaluation.evaluate(model, strategy, files, sizes, split=_SPLIT.value, **kwargs)
+    except checks.DataError as e:
+        sys.exit(f"model.evaluate: {e}")
     result.update(checkpoint=path, split=_SPLIT.value, data_dir=data_dir)
     output = _OUTPUT.value or os.path.join(
         _MODEL_DIR.value, f"evaluation-{os.path.basename(path).replace('.weights.h5', '')}-{crops}crop.json"

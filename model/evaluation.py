@@ -45,7 +45,7 @@ def _eval_step(model, crops, num_classes):
     return replica_step
 
 
-def evaluate(model, strategy, files, sizes, *, batch_size, image_size, crops, labels):
+def evaluate(model, strategy, files, sizes, *, batch_size, image_size, crops, labels, split="validation"):
     """Errors over every image of the shards: a dict with top1_error, top5_error, loss, images, crops,
     per_class ({wnid: {name, images, top1_error, top5_error}}) and most_confused ([{true, predicted, count}]).
 
@@ -75,10 +75,10 @@ def evaluate(model, strategy, files, sizes, *, batch_size, image_size, crops, la
             result = {k: v.numpy() for k, v in step(batch).items()}
             totals = result if totals is None else {k: totals[k] + v for k, v in result.items()}
     except tf.errors.DataLossError as e:
-        raise checks.data_error(files, "validation", e, "during the evaluation") from None
+        raise checks.data_error(files, split, e, "during the evaluation") from None
     seen = int(totals["per_class"][0].sum())
     if seen != int(np.sum(sizes)):  # A short shard is padded like the last batch, or one replica's input ended.
-        raise checks.data_error(files, "validation", None, f"after {seen} of {int(np.sum(sizes))} images")
+        raise checks.data_error(files, split, None, f"after {seen} of {int(np.sum(sizes))} images")
     return summarize(totals, labels, crops)
 
 

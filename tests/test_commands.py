@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import textwrap
 
 import numpy as np
@@ -67,6 +68,16 @@ def test_evaluate_gives_the_same_errors_under_every_strategy(trained_run):
             pytest.approx(final["top5_error"]),
             20,
         )
+
+
+def test_evaluate_on_a_short_shard_names_the_shortfall_instead_of_reporting_on_fewer_images(trained_run, tmp_path):
+    config, _ = trained_run
+    data = shutil.copytree(config.data_dir, tmp_path / "data")
+    shard = sorted(p for p in os.listdir(data) if p.startswith("validation-"))[0]
+    (data / shard).write_bytes(b"")
+    result = run("-m", "model.evaluate", f"--model_dir={config.model_dir}", f"--data_dir={data}", "--crops=1")
+    assert result.returncode == 1
+    assert re.search(r"model.evaluate: the validation shards ran out after \d+ of 20 images", result.stderr)
 
 
 def test_evaluate_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
