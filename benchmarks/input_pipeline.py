@@ -9,12 +9,15 @@ contestant once, in turn, and the figures are medians over rounds of per-round r
 1. reader / plain: pipeline/input.py's train_dataset (group shuffle, parse with the Example spec, decode in order,
    batch, prefetch) vs TFRecordDataset -> parse -> decode_jpeg -> batch over the same shards and cores.
 2. service / in-process: the same reader served by a tf.data service dispatcher and two worker processes on
-   loopback (python -m pipeline.data_service), and the CPU the training process spends per image either way:
-   here the workers share this machine's cores with it; on separate hosts only the receiving side stays.
+   loopback (python -m pipeline.data_service), sharing every core with the training process; and the CPU the
+   training process spends per image either way. Then, on Linux, with the cores split in two as if on separate
+   hosts: a service whose one worker is pinned to one half, the training process to the other, against the
+   reader in-process on the worker's half alone.
 3. real / synthetic: the paper's training step (224 crops, batch 128) fed by the reader vs by one in-memory batch.
 Last: decoding images/s per core, and how many host cores (or service workers) one GPU at 20,000 images/s needs.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -86,30 +89,52 @@ def plain(files):
     return ds.batch(_BATCH.value, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def images_per_second(dataset):
-    """Steady state: images/s and this process's CPU ms per image, from the first batch to the last."""
+def cpu_seconds(pid):
+    """User + system CPU time of process pid so far (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def images_per_second(dataset, workers=()):
+    """Steady state: images/s and this process's CPU ms per image, from the first batch to the last; and the
+    CPU ms per image of the service worker processes `workers`, over every batch."""
+    worker_cpu = sum(cpu_seconds(pid) for pid in workers)
     iterator = iter(dataset)
-    next(iterator)  # Start-up (pipeline warm-up, a service job's creation) is not throughput.
+
+    def images(batch):
+        return int(tf.shape(batch[0] if isinstance(batch, tuple) else batch)[0])
+
+    first = images(next(iterator))  # Start-up (warm-up, a service job's creation) is not throughput.
     start, cpu, count = time.perf_counter(), time.process_time(), 0
     for batch in iterator:
-        count += int(tf.shape(batch[0] if isinstance(batch, tuple) else batch)[0])
-    return count / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / count
+        count += images(batch)
+    rate, ms = count / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / count
+    return rate, ms, 1000 * (sum(cpu_seconds(pid) for pid in workers) - worker_cpu) / (first + count)
 
 
 def compare(contestants, rounds):
-    """name -> [(images/s, CPU ms per image) per round], every contestant once a round, in turn (after one
-    warm-up round)."""
+    """name -> [(images/s, CPU ms per image, service workers' CPU ms per image) per round]: contestants are name
+    -> (make a dataset, service worker pids), each run once a round, in turn (after one warm-up round)."""
     rates = {name: [] for name in contestants}
     for round_ in range(rounds + 1):
-        for name, make in contestants.items():
-            rate = images_per_second(make())
+        for name, (make, workers) in contestants.items():
+            rate = images_per_second(make(), workers)
             if round_:
                 rates[name].append(rate)
     return rates
 
 
-def start_service(workers=2):
-    """A dispatcher and worker processes on loopback, as users start them; returns (address, processes)."""
+def pin(pid, cpus):
+    """Every thread of process pid onto cpus (threads started later inherit it from the thread starting them)."""
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # The thread ended meanwhile.
+            os.sched_setaffinity(int(thread), cpus)
+
+
+def start_service(workers=2, cpus=None):
+    """A dispatcher and worker processes on loopback, as users start them, the workers on cpus if given; returns
+    (address, processes)."""
     command = [sys.executable, "-m", "pipeline.data_service"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     dispatcher = subprocess.Popen([*command, "--role=dispatcher"], env=env, stdout=subprocess.PIPE, text=True)
@@ -117,24 +142,27 @@ def start_service(workers=2):
     processes = [dispatcher]
     for _ in range(workers):
         worker = [*command, "--role=worker", f"--dispatcher={address.removeprefix('grpc://')}"]
-        processes.append(subprocess.Popen(worker, env=env))
+        place = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        processes.append(subprocess.Popen(worker, env=env, preexec_fn=place))
     return address, processes
 
 
 def report(rates, name, reference, target):
     ratios = [a[0] / b[0] for a, b in zip(rates[name], rates[reference], strict=True)]
     rate, ref = (statistics.median(r[0] for r in rates[n]) for n in (name, reference))
-    cpu, ref_cpu = (statistics.median(r[1] for r in rates[n]) for n in (name, reference))
+    cpu, ref_cpu, workers = (
+        statistics.median(r[i] for r in rates[n]) for n, i in ((name, 1), (reference, 1), (name, 2))
+    )
     print(
         f"  {name}: {rate:.0f} img/s vs {reference} {ref:.0f} img/s: {statistics.median(ratios):.2f} (median of "
         f"{len(ratios)} rounds' ratios, {min(ratios):.2f}-{max(ratios):.2f}; target >= {target}); this process's "
-        f"CPU {cpu:.2f} vs {ref_cpu:.2f} ms per image"
+        f"CPU {cpu:.2f} vs {ref_cpu:.2f} ms per image" + (f", its service workers' {workers:.2f}" if workers else "")
     )
     return statistics.median(ratios)
 
 
 def step_rates(files, sizes, rounds):
-    """The paper's step at batch 128 fed by the reader vs by an in-memory batch: images/s per round each."""
+    """The paper's step at batch 128 fed by the reader vs by an in-memory batch: as compare() returns."""
     config = recipe.Config(batch_size=_BATCH.value, mirrored_devices=("/device:CPU:0",))
     strategy = training.make_strategy(config)
     stats = {"mean_image": np.full((256, 256, 3), 120.0), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
@@ -162,9 +190,8 @@ def step_rates(files, sizes, rounds):
             metrics.numpy()
             images = _STEPS.value * _BATCH.value
             if round_:
-                rates[name].append(
-                    (images / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / images)
-                )
+                ms = 1000 * (time.process_time() - cpu) / images
+                rates[name].append((images / (time.perf_counter() - start), ms, 0.0))
     return rates
 
 
@@ -178,24 +205,45 @@ def main(argv):
     kib = sum(os.path.getsize(f) for f in files) / sizes.sum() / 1024
     print(f"{_IMAGES.value} records from {kind}, {kib:.0f} KiB each; {cores} cores")
 
+    every = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    receiving, decoding = set(every[: len(every) // 2]), set(every[len(every) // 2 :])
+    service, servers = start_service()
+    split = len(every) > 1  # A service whose one worker decodes on half the cores, the training process on the rest.
+    split_service, split_servers = start_service(1, decoding) if split else (None, [])
+    jobs = iter(range(10**6))
+
+    def placed(make, cpus=every, workers=()):
+        """(make, run with this process's threads on cpus; the service worker processes it reads from)."""
+
+        def run():
+            if split:
+                pin(os.getpid(), cpus)
+            return make()
+
+        return run, [worker.pid for worker in workers]
+
     def reader(**kwargs):
         return lambda: data_input.train_dataset(files, sizes, seed=0, epoch=0, batch_size=_BATCH.value, **kwargs)
 
-    service, servers = start_service()
-    jobs = iter(range(10**6))
+    def served(address):
+        return lambda: reader(data_service=address, job=f"bench{next(jobs)}")()  # A job per epoch.
+
+    contestants = {
+        "plain": placed(lambda: plain(files)),
+        "reader": placed(reader()),
+        "reader, order not kept": placed(reader(deterministic=False)),
+        "service": placed(served(service), workers=servers[1:]),
+    }
+    if split:
+        contestants["reader on half the cores"] = placed(reader(), decoding)
+        contestants["service, its worker on that half"] = placed(served(split_service), receiving, split_servers[1:])
     try:
-        rates = compare(
-            {
-                "plain": lambda: plain(files),
-                "reader": reader(),
-                "reader, order not kept": reader(deterministic=False),
-                "service": lambda: reader(data_service=service, job=f"bench{next(jobs)}")(),  # A job per epoch.
-            },
-            _ROUNDS.value,
-        )
+        rates = compare(contestants, _ROUNDS.value)
     finally:
-        for server in servers:
+        for server in servers + split_servers:
             server.terminate()
+        if split:
+            pin(os.getpid(), every)
     print("Reading (images/s delivered, uint8 256x256 batches of 128):")
     report(rates, "reader", "plain", 0.9)
     report(rates, "reader, order not kept", "plain", 0.9)
@@ -203,8 +251,19 @@ def main(argv):
     per_core = statistics.median(r[0] for r in rates["plain"]) / cores
     print(
         f"Decoding: {per_core:.0f} images/s per core here: one GPU at {GPU_IMAGES_PER_SECOND:,} images/s needs "
-        f"{GPU_IMAGES_PER_SECOND / per_core:.0f} such cores (or tf.data service workers' worth of them)"
+        f"{GPU_IMAGES_PER_SECOND / per_core:.0f} such cores"
     )
+    if split:
+        print(
+            f"Through a service whose one worker decodes on {len(decoding)} of the {len(every)} cores, the training "
+            f"process on the other {len(receiving)}, as on separate hosts:"
+        )
+        own = report(rates, "service, its worker on that half", "reader on half the cores", 0.9)
+        print(
+            f"  so a worker's core delivers {own:.2f} of what it decodes in-process: one GPU at "
+            f"{GPU_IMAGES_PER_SECOND:,} images/s needs {GPU_IMAGES_PER_SECOND / per_core / own:.0f} cores of tf.data "
+            "service workers"
+        )
     if _STEP_ROUNDS.value:
         print(f"Training step (224 crops, batch {_BATCH.value}, one replica):")
         report(step_rates(files, sizes, _STEP_ROUNDS.value), "reader", "synthetic", 0.95)
