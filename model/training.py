@@ -98,13 +98,26 @@ def make_train_step(model, optimizer, strategy, config):
     def run(batch, step):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, (*batch, step)), None)
 
+    def every_replica_has_images(batch):
+        empty = strategy.run(lambda labels: tf.cast(tf.size(labels) == 0, tf.float32), (batch[1],))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, empty, None) == 0  # Over every worker's replicas.
+
     @tf.function
     def train_step(iterator, step):
         if not config.data_service:  # Steps counted from the epoch's plan.
             return run(next(iterator), step)
-        # From a tf.data service the epoch ends when its workers have no more whole batches: zeros then.
+        # From a tf.data service the epoch ends, on every worker at once (zeros), at the first step some replica
+        # has no batch for: the service's workers drop their partial batches, and under several trainers another
+        # one's prefetching may hold the last ones. Such a step is not run with the empty replicas TensorFlow
+        # would pad it with: the loss is scaled for a whole batch, and oneDNN's convolution gives wrongly shaped
+        # results on an empty batch.
         batch = iterator.get_next_as_optional()
-        return tf.cond(batch.has_value(), lambda: run(batch.get_value(), step), lambda: tf.zeros(4))
+
+        def whole_step():
+            value = batch.get_value()
+            return tf.cond(every_replica_has_images(value), lambda: run(value, step), lambda: tf.zeros(4))
+
+        return tf.cond(batch.has_value(), whole_step, lambda: tf.zeros(4))
 
     return train_step
 
@@ -144,6 +157,8 @@ class Run:
         self.train_step = make_train_step(self.model, self.optimizer, strategy, config)
         self.local_replicas = evaluation.local_replicas(strategy)
         self.pipelines = strategy.num_replicas_in_sync // self.local_replicas  # One input pipeline per worker.
+        # The tf.data service job this run's trainers share (one per epoch: the job's name, then -epochN).
+        self.service_job = f"alexnet-{hashlib.sha1(config.model_dir.encode()).hexdigest()[:12]}"
 
     @property
     def samples(self):
@@ -200,7 +215,7 @@ class Run:
                 skip_steps=skip_steps,
                 deterministic=config.deterministic,
                 data_service=config.data_service or None,
-                job=f"alexnet-{hashlib.sha1(config.model_dir.encode()).hexdigest()[:12]}",  # This run's.
+                job=self.service_job,
             )
         )
 
@@ -383,6 +398,8 @@ def train(config, flags_text=None):
             f"{config.epochs} epochs",
             flush=True,
         )
+        if config.data_service:
+            print(f"Training images from the tf.data service at {config.data_service}: job {run.service_job}-epochN")
     progress = summaries.Progress(sum(epochs_steps), config.epochs, config.batch_size, start, enabled=run.chief)
     for epoch in range(int(state.epoch.numpy()), config.epochs):
         began = time.monotonic()

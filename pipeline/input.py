@@ -167,18 +167,20 @@ def train_dataset(
     ds = ds.map(lambda r: decode(r, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
     if data_service:
-        ds = ds.apply(
+        return ds.apply(
             tf.data.experimental.service.distribute(
                 processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
                 service=data_service,
                 job_name=f"{job}-epoch{epoch}",
                 # Decoded pixels barely compress, and compressing them cost more than sending them (README).
                 compression=None,
+                # Also this consumer's prefetch buffer. Bounded, so that a trainer starting first cannot take
+                # the epoch's batches from the others (the job is shared first-come first-served, and the epoch
+                # ends at the first step some replica has no batch for): each holds at most 4 steps' worth.
+                max_outstanding_requests=4 * replicas,
             )
         )
-    else:
-        ds = ds.take((steps - skip_steps) * replicas)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.take((steps - skip_steps) * replicas).prefetch(tf.data.AUTOTUNE)
 
 
 def eval_steps(sizes, step_size, pipelines=1):

@@ -2,6 +2,7 @@
 loopback, started here), the training on this process."""
 
 import collections
+import time
 
 import pytest
 import tensorflow as tf
@@ -49,3 +50,20 @@ def test_training_reads_its_batches_from_the_service(demo_data, service, tmp_pat
     step = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))
     # 63 images over 2 service workers in batches of 4 per replica: each worker drops under a batch.
     assert 6 <= step.get_tensor("state/step/.ATTRIBUTES/VARIABLE_VALUE") <= 7
+
+
+def test_a_consumer_holds_at_most_4_steps_of_a_shared_epoch(demo_data, service):
+    """Trainers share an epoch's job first-come first-served: one that starts first must not take the epoch
+    from the others into its buffer (unbounded, it held 17 of these 63)."""
+    files = data_input.shard_files(demo_data, "train")
+    sizes = data_input.shard_sizes(files, data_input.load_summary(demo_data), "train")
+    make = lambda: data_input.train_dataset(  # noqa: E731
+        files, sizes, seed=0, epoch=0, batch_size=1, image_size=64, data_service=service, job="shared"
+    )
+    first = iter(make())
+    next(first)
+    time.sleep(2)  # Its buffer fills.
+    other = sum(1 for _ in make())
+    held = sum(1 for _ in first)
+    assert 1 + held + other == 63
+    assert held <= 4 + 2  # 4 steps of 1 batch, and the two the service client keeps besides.

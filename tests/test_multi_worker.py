@@ -7,7 +7,7 @@ import re
 from tests.helpers import free_ports, output, start
 
 
-def _workers(demo_data, model_dir, ports):
+def _workers(demo_data, model_dir, ports, *extra):
     cluster = {"worker": [f"localhost:{port}" for port in ports]}
     args = [
         "train.py",
@@ -22,6 +22,7 @@ def _workers(demo_data, model_dir, ports):
         "--weight_std=0.02",
         "--eval_crops=1",
         "--log_every_steps=1",
+        *extra,
     ]
     processes = [
         start(*args, env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
@@ -46,3 +47,41 @@ def test_two_workers_train_the_same_weights_and_the_chief_writes_the_outputs(dem
         assert json.load(f)["images"] == 20  # Each worker read half of the validation shards; the sum is all.
     again = _workers(demo_data, tmp_path, free_ports(2))  # The whole job, restarted: it resumes (and is done).
     assert all(status == 0 and "nothing to do" in printed for status, printed in again)
+
+
+def test_two_workers_fed_by_one_tf_data_service_end_its_epoch_together(demo_data, tmp_path):
+    """The trainers share the epoch's job first-come first-served, and the one that starts first buffers up to 4
+    steps of it: with the demo's 7 batches of 8 one trainer often runs dry first (seen: after 0, 2 or 3 of the
+    plan's 3 steps). Both must end the epoch at that step, not wait in a collective for each other or train on
+    the empty batches TensorFlow pads a dry replica with (which crashed 2 runs in 6)."""
+    dispatcher_port, *worker_ports = free_ports(3)
+    journal = tmp_path / "dispatcher"  # Where the dispatcher records the jobs it serves.
+    service = [
+        start("-m", "pipeline.data_service", "--role=dispatcher", f"--port={dispatcher_port}", f"--work_dir={journal}")
+    ]
+    service += [
+        start(
+            "-m",
+            "pipeline.data_service",
+            "--role=worker",
+            f"--dispatcher=localhost:{dispatcher_port}",
+            f"--port={port}",
+        )
+        for port in worker_ports
+    ]
+    try:
+        results = _workers(
+            demo_data, tmp_path / "run", free_ports(2), f"--data_service=grpc://localhost:{dispatcher_port}"
+        )
+    finally:
+        for process in service:
+            process.kill()
+    for status, printed in results:
+        assert status == 0, printed[-3000:]
+    digests = [re.search(r"weights sha256 ([0-9a-f]{16})", printed).group(1) for _, printed in results]
+    assert digests[0] == digests[1]
+    chief = results[0][1]
+    assert "epoch 1/1: train loss" in chief
+    job = re.search(r"tf.data service at grpc://localhost:\d+: job (alexnet-[0-9a-f]{12})-epochN", chief)[1]
+    recorded = b"".join(path.read_bytes() for path in journal.rglob("journal_*"))
+    assert f"{job}-epoch0".encode() in recorded  # The trainers' epoch was the dispatcher's job.
