@@ -268,10 +268,11 @@ def main(argv):
             f"process on the other {len(receiving)}, as on separate hosts:"
         )
         own = report(rates, "service, its worker on that half", "reader on half the cores", 0.9)
+        rate = statistics.median(r[0] for r in rates["service, its worker on that half"]) / len(decoding)
         print(
-            f"  so a worker's core delivers {own:.2f} of what it decodes in-process: one GPU at "
-            f"{GPU_IMAGES_PER_SECOND:,} images/s needs {GPU_IMAGES_PER_SECOND / per_core / own:.0f} cores of tf.data "
-            "service workers"
+            f"  so a worker's core delivers {rate:.0f} images/s, {own:.2f} of what it decodes in-process: one GPU at "
+            f"{GPU_IMAGES_PER_SECOND:,} images/s needs {GPU_IMAGES_PER_SECOND / rate:.0f} cores of tf.data service "
+            "workers"
         )
     if _STEP_ROUNDS.value:
         print(f"Training step (224 crops, batch {_BATCH.value}, one replica):")
