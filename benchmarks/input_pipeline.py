@@ -206,6 +206,11 @@ def step_rates(files, sizes, rounds):
 
 def main(argv):
     del argv
+    if _IMAGES.value // _BATCH.value < 2 * WARMUP_BATCHES:
+        raise app.UsageError(
+            f"--images={_IMAGES.value}: at least {2 * WARMUP_BATCHES * _BATCH.value} (the first {WARMUP_BATCHES} "
+            "batches of every epoch are not timed, and as many again are needed to time anything)"
+        )
     folder = tempfile.mkdtemp()
     kind = write_records(folder, _IMAGES.value)
     files = data_input.shard_files(folder, "train")
