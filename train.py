@@ -13,7 +13,7 @@ import sys
 import tensorflow as tf
 from absl import app, flags, logging
 
-from model import checks, devices, recipe, training
+from training import checks, devices, loop, recipe
 
 D = recipe.Config()  # The paper's values: the flags' defaults.
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with the shards, stats.npz and summary.json.", required=True)
@@ -81,7 +81,7 @@ def main(argv):
     config = config_from_flags()
     flags_text = "".join(f"{flag.serialize()}\n" for flag in flags.FLAGS.get_flags_for_module(sys.argv[0]))
     try:
-        result = training.train(config, flags_text=flags_text)
+        result = loop.train(config, flags_text=flags_text)
     except (checks.ConfigError, checks.DataError, FloatingPointError) as e:
         sys.exit(f"train.py: {e}")
     print(

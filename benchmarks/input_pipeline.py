@@ -32,9 +32,9 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
-from model import recipe, training
 from pipeline import demo_data, example_spec, images
 from pipeline import input as data_input
+from training import devices, loop, recipe
 
 # 1,024 records a shard, as ImageNet's 1,024 training shards hold ~1,250: a group of shards (the unit the reader
 # shuffles and the service deals out) is then as long as on ImageNet, and an epoch many times a consumer's buffers.
@@ -173,15 +173,15 @@ def report(rates, name, reference, target):
 def step_rates(files, sizes, rounds):
     """The paper's step at batch 128 fed by the reader vs by an in-memory batch: as compare() returns."""
     config = recipe.Config(batch_size=_BATCH.value, mirrored_devices=("/device:CPU:0",))
-    strategy = training.make_strategy(config)
+    strategy = devices.make_strategy(config)
     stats = {"mean_image": np.full((256, 256, 3), 120.0), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
     with strategy.scope():
         from model import classifier
 
         model = classifier.build_classifier(1000, stats, image_size=256, crop_size=224, lighting_std=0.1)
-        optimizer = training.make_optimizer(config)
+        optimizer = loop.make_optimizer(config)
         optimizer.build(model.trainable_variables)
-    step = training.make_train_step(model, optimizer, strategy, config)
+    step = loop.make_train_step(model, optimizer, strategy, config)
     batch = next(iter(data_input.train_dataset(files, sizes, seed=0, epoch=0, batch_size=_BATCH.value)))
     sources = {
         "synthetic": lambda: tf.data.Dataset.from_tensors(batch).repeat(),

@@ -19,9 +19,10 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
-from model import checkpoints, evaluation, serving
 from pipeline import demo_data, images, sources
 from pipeline import input as data_input
+from tools import serving
+from training import checkpoints, evaluation
 
 _PHOTOS = flags.DEFINE_string("photos", None, "Glob of real photos; default: 20 demo drawings.")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "A trained run, to compare its errors both ways.")

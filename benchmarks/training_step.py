@@ -24,7 +24,8 @@ import keras
 import tensorflow as tf
 from absl import app, flags
 
-from model import build_alexnet, recipe
+from model import build_alexnet
+from training import recipe
 
 GFLOP_PER_IMAGE = 4.35
 MATMUL_N = 4096

@@ -28,7 +28,7 @@ def demo_data(demo_raw, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_run(demo_data, tmp_path_factory):
     """A finished run on the tiny demo set (helpers.tiny_run_config): its config and final evaluation."""
-    from model import training
+    from training import loop
 
     config = tiny_run_config(demo_data, tmp_path_factory.mktemp("trained_run"))
-    return config, training.train(config)
+    return config, loop.train(config)

@@ -17,7 +17,7 @@ TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 2
 def tiny_run_config(data_dir, model_dir, **overrides):
     """Two epochs of the tiny demo set (63 training images: 3 steps of 16 an epoch) on two mirrored replicas,
     with a checkpoint every 2 steps and a 4-step warm-up."""
-    from model import recipe
+    from training import recipe
 
     values = dict(
         data_dir=data_dir,

@@ -5,7 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
-from model import checkpoints, classifier
+from model import classifier
+from training import checkpoints
 
 LAYOUT = os.path.join(os.path.dirname(__file__), "data", "weights_h5_layout_v1.json")
 STATS = {"mean_image": np.zeros((72, 72, 3)), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}

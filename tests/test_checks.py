@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from model import checks, recipe, training
 from tests.helpers import TWO_DEVICES, run
+from training import checks, loop, recipe
 
 
 def _config(data_dir, model_dir, **overrides):
@@ -26,7 +26,7 @@ def data_copy(demo_data, tmp_path):
 
 def _refused(config, *phrases):
     with pytest.raises(checks.ConfigError) as error:
-        training.train(config)
+        loop.train(config)
     for phrase in phrases:
         assert phrase in str(error.value), str(error.value)
     assert not os.path.exists(os.path.join(config.model_dir, "checkpoints"))  # Nothing trained.
@@ -111,7 +111,7 @@ def test_a_batch_larger_than_the_training_set(demo_data, tmp_path):
 def test_a_loss_that_becomes_nan_stops_the_run(demo_data, tmp_path):
     config = _config(demo_data, tmp_path, learning_rate=1e8, log_every_steps=1)
     with pytest.raises(FloatingPointError, match=r"the loss is not a number at step \d: lower --learning_rate"):
-        training.train(config)
+        loop.train(config)
     assert not os.path.exists(tmp_path / "eval.json")
 
 
@@ -121,14 +121,14 @@ def test_a_corrupt_shard_stops_training_with_its_name(data_copy, tmp_path):
     data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # Inside a record: its CRC no longer matches.
     (data_copy / shard).write_bytes(bytes(data))
     with pytest.raises(checks.DataError, match=f"a training shard is corrupt: {data_copy / shard} "):
-        training.train(_config(data_copy, tmp_path / "m"))
+        loop.train(_config(data_copy, tmp_path / "m"))
 
 
 def test_shards_holding_fewer_records_than_the_summary_lists_stop_training(data_copy, tmp_path):
     for shard in sorted(p for p in os.listdir(data_copy) if p.startswith("train-"))[:2]:
         (data_copy / shard).write_bytes(b"")  # Whole records gone: readable, but the epoch's plan is short.
     with pytest.raises(checks.DataError, match=r"the training shards ran out at step \d+ \(epoch 1\)"):
-        training.train(_config(data_copy, tmp_path / "m"))
+        loop.train(_config(data_copy, tmp_path / "m"))
 
 
 def test_a_corrupt_or_short_validation_shard_stops_the_evaluation_with_its_name(data_copy, tmp_path):
@@ -136,10 +136,10 @@ def test_a_corrupt_or_short_validation_shard_stops_the_evaluation_with_its_name(
     data = (data_copy / shard).read_bytes()
     (data_copy / shard).write_bytes(data[: len(data) // 2] + b"\xff" * 64 + data[len(data) // 2 + 64 :])
     with pytest.raises(checks.DataError, match=f"a validation shard is corrupt: {data_copy / shard} "):
-        training.train(_config(data_copy, tmp_path / "m"))
+        loop.train(_config(data_copy, tmp_path / "m"))
     (data_copy / shard).write_bytes(b"")  # Readable, but the images summary.json lists are not all there.
     with pytest.raises(checks.DataError, match=r"the validation shards ran out after \d+ of \d+ images"):
-        training.train(_config(data_copy, tmp_path / "m"))
+        loop.train(_config(data_copy, tmp_path / "m"))
 
 
 def test_the_command_exits_non_zero_with_the_message(demo_data, tmp_path):

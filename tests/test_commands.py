@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import checkpoints, devices, evaluation, serving, similarity
 from pipeline import demo_data, images
 from pipeline import input as data_input
 from tests.helpers import TWO_DEVICES, photos_dir, run
+from tools import serving, similarity
+from training import checkpoints, devices, evaluation
 
 QUIET = ("WARNING", "I0000", "E0000", "W0000", "To enable", "INFO")
 

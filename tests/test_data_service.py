@@ -7,9 +7,9 @@ import time
 import pytest
 import tensorflow as tf
 
-from model import training
 from pipeline import input as data_input
 from tests.helpers import tiny_run_config
+from training import loop
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_every_image_is_delivered_once_an_epoch_through_the_service(demo_data, s
 
 def test_training_reads_its_batches_from_the_service(demo_data, service, tmp_path):
     config = tiny_run_config(demo_data, tmp_path, epochs=1, batch_size=8, eval_crops=1, data_service=service)
-    result = training.train(config)
+    result = loop.train(config)
     assert result["images"] == 20
     step = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))
     # 63 images over 2 service workers in batches of 4 per replica: each worker drops under a batch.

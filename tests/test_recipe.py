@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import recipe
+from training import recipe
 
 
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
@@ -67,7 +67,7 @@ def test_paper_sgd_updates_every_mirrored_replica_with_the_summed_gradient():
 
 
 def test_top_k_misses():
-    from model import evaluation
+    from training import evaluation
 
     probs = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]], np.float32)
     labels = np.array([1, 1, 0])  # Right at top 1; in the top 2 only; in neither.

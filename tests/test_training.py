@@ -8,10 +8,10 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from model import checkpoints, classifier, evaluation, recipe, training
+from model import classifier
 from tests.helpers import TWO_DEVICES, tiny_run_config
+from training import checkpoints, checks, devices, evaluation, loop, recipe
 
-NEXT_STEP = training._next_step
 STATS = {"mean_image": np.full((72, 72, 3), 120.0), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
 
 
@@ -24,18 +24,15 @@ class Stopped(Exception):
 
 
 class Steps:
-    """Counts the training steps a run takes, and stops it (like a kill) before step `stop_before` + 1."""
+    """train()'s before_step: counts the steps a run takes, and stops it (like a kill) before step `stop_at`."""
 
-    def __init__(self, monkeypatch, stop_before=None):
-        self.taken, self.stop_before = [], stop_before
+    def __init__(self, stop_at=None):
+        self.taken, self.stop_at = [], stop_at
 
-        def counted(run, iterator, step, epoch):
-            if step == self.stop_before:
-                raise Stopped(f"stopped before step {step + 1}")
-            self.taken.append(step + 1)
-            return NEXT_STEP(run, iterator, step, epoch)
-
-        monkeypatch.setattr(training, "_next_step", counted)
+    def __call__(self, step):
+        if step == self.stop_at:
+            raise Stopped(f"stopped before step {step}")
+        self.taken.append(step)
 
 
 def _scalars(folder, tag):
@@ -76,19 +73,16 @@ def test_a_run_writes_checkpoints_the_best_weights_and_the_final_evaluation(refe
         assert recipe.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}) == config
 
 
-@pytest.mark.parametrize("stop_before, resumed_at", [(2, 2), (3, 3), (5, 4)])
-def test_a_stopped_run_resumes_exactly_where_its_checkpoint_was(
-    reference, monkeypatch, tmp_path, stop_before, resumed_at
-):
+@pytest.mark.parametrize("stop_at, resumed_at", [(3, 2), (4, 3), (6, 4)])
+def test_a_stopped_run_resumes_exactly_where_its_checkpoint_was(reference, tmp_path, stop_at, resumed_at):
     """Stopped in the warm-up (before step 3, checkpoint at 2), after epoch 1 (3 steps) and in epoch 2 one step
     after its checkpoint (4): the same command continues from the checkpoint, takes only the steps after it, and
     ends with the uninterrupted run's weights, bit for bit."""
     config = dataclasses.replace(reference[0], model_dir=str(tmp_path))
     with pytest.raises(Stopped):
-        Steps(monkeypatch, stop_before=stop_before)
-        training.train(config)
-    steps = Steps(monkeypatch)
-    result = training.train(config)
+        loop.train(config, before_step=Steps(stop_at=stop_at))
+    steps = Steps()
+    result = loop.train(config, before_step=steps)
     assert steps.taken == list(range(resumed_at + 1, 7))
     assert result["weights_sha256"] == reference[1]["weights_sha256"]
     assert result == reference[1]
@@ -98,30 +92,30 @@ def test_a_stopped_run_resumes_exactly_where_its_checkpoint_was(
 
 def test_a_run_stopped_in_its_final_evaluation_redoes_only_the_evaluation(reference, monkeypatch, tmp_path):
     config = dataclasses.replace(reference[0], model_dir=str(tmp_path))
-    monkeypatch.setattr(training, "final_evaluation", lambda run: (_ for _ in ()).throw(Stopped("in evaluation")))
+    monkeypatch.setattr(loop, "final_evaluation", lambda run: (_ for _ in ()).throw(Stopped("in evaluation")))
     with pytest.raises(Stopped):
-        training.train(config)
+        loop.train(config)
     monkeypatch.undo()
-    steps = Steps(monkeypatch)
-    assert training.train(config) == reference[1] and steps.taken == []
+    steps = Steps()
+    assert loop.train(config, before_step=steps) == reference[1] and steps.taken == []
 
 
-def test_a_finished_run_started_again_says_so_and_keeps_its_results(reference, monkeypatch, capsys):
+def test_a_finished_run_started_again_says_so_and_keeps_its_results(reference, capsys):
     config, result = reference
     eval_json = os.path.join(config.model_dir, "eval.json")
     written = os.path.getmtime(eval_json)
-    steps = Steps(monkeypatch)
-    assert training.train(config) == result
+    steps = Steps()
+    assert loop.train(config, before_step=steps) == result
     assert steps.taken == [] and os.path.getmtime(eval_json) == written
     assert "has finished training (2 epochs, 6 steps): nothing to do" in capsys.readouterr().out
 
 
 def test_a_model_dir_holding_a_run_with_other_settings_is_refused(reference):
     config = dataclasses.replace(reference[0], learning_rate=0.01, seed=3)
-    with pytest.raises(training.checks.ConfigError, match=r"--learning_rate=0.005 there, 0.01 now.*--seed=0 there"):
-        training.train(config)
+    with pytest.raises(checks.ConfigError, match=r"--learning_rate=0.005 there, 0.01 now.*--seed=0 there"):
+        loop.train(config)
     longer = dataclasses.replace(reference[0], epochs=3, log_every_steps=2)  # Allowed: a run may go on longer.
-    training.checks.check_resume(longer, longer.model_dir)
+    checks.check_resume(longer, longer.model_dir)
 
 
 def test_tensorboard_holds_every_step_and_every_epoch(reference):
@@ -153,7 +147,7 @@ def test_figure_3_image_is_conv1s_kernels(reference):
 def test_logged_validation_error_is_that_of_the_validation_images(reference, demo_data):
     config, _ = reference
     logged = _scalars(os.path.join(config.model_dir, "validation"), "epoch/top1_error")[6]
-    data = training.checks.load_data(config)
+    data = checks.load_data(config)
     model = classifier.build_classifier(10, data.stats, image_size=64, crop_size=64, lighting_std=0.1)
     checkpoints.load(model, checkpoints.resolve(config.model_dir, "latest"))
     strategy = tf.distribute.get_strategy()
@@ -198,7 +192,7 @@ def _step_on_replicas(strategy, model, step, images):
 
     @tf.function
     def run():
-        return strategy.run(lambda: training.forward(model, images, step, seed=0))
+        return strategy.run(lambda: loop.forward(model, images, step, seed=0))
 
     return [t.numpy() for t in strategy.experimental_local_results(run())]
 
@@ -217,7 +211,7 @@ def test_each_replica_draws_its_own_dropout_masks_and_augmentation():
     net = model.net  # Dropout alone (no crops: the same input to fc6 on both replicas) differs too.
     x = tf.random.normal((2, 64, 64, 3), stddev=50.0)
     masks = strategy.run(
-        tf.function(lambda: net(x, training=True, seed=training.replica_seed(0, tf.constant(7, tf.int64))))
+        tf.function(lambda: net(x, training=True, seed=loop.replica_seed(0, tf.constant(7, tf.int64))))
     )
     a, b = (t.numpy() for t in strategy.experimental_local_results(masks))
     assert not np.allclose(a, b)
@@ -229,14 +223,14 @@ def _tiny_step(strategy, precision="float32", tower_devices=None):
         model = classifier.build_classifier(
             4, STATS, image_size=72, crop_size=64, lighting_std=0.1, precision=precision, tower_devices=tower_devices
         )
-        optimizer = training.make_optimizer(config)
+        optimizer = loop.make_optimizer(config)
         optimizer.build(model.trainable_variables)
     rng = np.random.default_rng(0)
     data = (rng.integers(0, 256, (8, 72, 72, 3), dtype=np.uint8), rng.integers(0, 4, 8).astype(np.int32))
     dataset = strategy.distribute_datasets_from_function(
         lambda ctx: tf.data.Dataset.from_tensors(data).unbatch().batch(ctx.get_per_replica_batch_size(8)).repeat()
     )
-    return model, optimizer, training.make_train_step(model, optimizer, strategy, config), iter(dataset)
+    return model, optimizer, loop.make_train_step(model, optimizer, strategy, config), iter(dataset)
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
@@ -261,12 +255,12 @@ def test_from_a_data_service_a_step_some_replica_has_no_batch_for_ends_the_epoch
     config = recipe.Config(batch_size=8, learning_rate=0.01, weight_std=0.02, data_service="grpc://the-service")
     with strategy.scope():
         model = classifier.build_classifier(4, STATS, image_size=72, crop_size=64, lighting_std=0.1)
-        optimizer = training.make_optimizer(config)
+        optimizer = loop.make_optimizer(config)
         optimizer.build(model.trainable_variables)
     rng = np.random.default_rng(0)
     data = (rng.integers(0, 256, (12, 72, 72, 3), dtype=np.uint8), rng.integers(0, 4, 12).astype(np.int32))
     dataset = strategy.distribute_datasets_from_function(lambda ctx: tf.data.Dataset.from_tensor_slices(data).batch(4))
-    step, iterator = training.make_train_step(model, optimizer, strategy, config), iter(dataset)
+    step, iterator = loop.make_service_step(model, optimizer, strategy, config), iter(dataset)
     assert step(iterator, tf.constant(0, tf.int64)).numpy()[3] == 8
     trained = [w.numpy().copy() for w in model.trainable_weights]
     np.testing.assert_array_equal(step(iterator, tf.constant(1, tf.int64)).numpy(), np.zeros(4))
@@ -277,7 +271,7 @@ def test_from_a_data_service_a_step_some_replica_has_no_batch_for_ends_the_epoch
 
 def test_towers_on_two_devices_train_every_weight_where_it_lives():
     model, optimizer, step, iterator = _tiny_step(
-        training.make_strategy(recipe.Config(strategy="towers")), tower_devices=TWO_DEVICES
+        devices.make_strategy(recipe.Config(strategy="towers")), tower_devices=TWO_DEVICES
     )
     before = [w.numpy().copy() for w in model.trainable_weights]
     for i in range(2):
@@ -293,7 +287,7 @@ def test_profiled_steps_are_marked_for_the_step_time_and_input_pipeline_pages(de
     """Keras' TensorBoard callback marks steps without _r=1, which leaves the profiler's step pages empty."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    training.train(_config(demo_data, tmp_path, epochs=1, profile_steps=(2, 3), eval_crops=1))
+    loop.train(_config(demo_data, tmp_path, epochs=1, profile_steps=(2, 3), eval_crops=1))
     (path,) = tf.io.gfile.glob(os.path.join(tmp_path, "train", "plugins", "profile", "*", "*.xplane.pb"))
     with open(path, "rb") as f:
         space = xplane_pb2.XSpace.FromString(f.read())

@@ -12,7 +12,8 @@ import sys
 
 from absl import app, flags
 
-from model import checkpoints, serving
+from tools import serving
+from training import checkpoints
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "The run's folder (train.py's --model_dir).", required=True)
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Where the SavedModel goes.", required=True)

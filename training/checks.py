@@ -8,9 +8,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from model import recipe
 from pipeline import example_spec
 from pipeline import input as data_input
+from training import recipe
 
 
 class ConfigError(ValueError):

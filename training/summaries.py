@@ -6,6 +6,7 @@ Figure 3, a grid of augmented inputs); `validation/` every epoch; `eval/` the fi
 indexed by the global step.
 """
 
+import contextlib
 import datetime
 import os
 import time
@@ -13,6 +14,8 @@ import time
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
+
+from training import checks
 
 SPLITS = ("train", "validation", "eval")
 
@@ -141,6 +144,47 @@ class Progress:
                 f"{validation['top5_error']:.1%} | lr {learning_rate:g} | {_duration(seconds)}",
                 flush=True,
             )
+
+
+class StepMetrics:
+    """Metrics of the steps since the last log line, fetched from the device only then (no sync every step), and
+    the epoch's sums so far."""
+
+    def __init__(self, epoch_sums):
+        self.pending, self.epoch = [], np.array(epoch_sums, dtype=np.float64)
+
+    def add(self, metrics):
+        self.pending.append(metrics)
+
+    def collect(self, step):
+        """Mean loss and errors of the pending steps; raises when the loss stopped being a number."""
+        sums = np.sum([m.numpy() for m in self.pending], axis=0) if self.pending else np.zeros(4)
+        steps, self.pending = len(self.pending), []
+        checks.finite(sums, f"the loss is not a number at step {step}: lower --learning_rate (or add --warmup_steps)")
+        self.epoch += sums
+        return {**mean_metrics(sums), "steps": steps}
+
+
+class Profiler:
+    """A trace of the steps profile_steps (FIRST, LAST) names, for TensorBoard's profile pages; a run resumed
+    inside the window traces the steps it still takes there."""
+
+    def __init__(self, log_dir, profile_steps):
+        self.log_dir, self.window, self.tracing = log_dir, tuple(profile_steps), False
+
+    @contextlib.contextmanager
+    def step(self, step):
+        """Around step `step` (counted from 1): marked as a step (_r=1) for the step-time page."""
+        first, last = self.window or (0, -1)
+        if not self.tracing and first <= step <= last:
+            tf.profiler.experimental.start(self.log_dir)
+            self.tracing = True
+        with tf.profiler.experimental.Trace("train", step_num=step, _r=1):
+            yield
+        if self.tracing and step >= last:
+            tf.test.experimental.sync_devices()  # The step's device work inside the trace.
+            tf.profiler.experimental.stop()
+            self.tracing = False
 
 
 def mean_metrics(sums):

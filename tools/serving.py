@@ -5,8 +5,8 @@ preprocessing inside (§2: shorter side to 256, the central 256x256, the mean im
 
 import tensorflow as tf
 
-from model import evaluation
 from pipeline import example_spec
+from training import evaluation
 
 TOP_K = 5
 

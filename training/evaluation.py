@@ -4,8 +4,9 @@ batched over the replicas of any strategy; with the per-class errors and the mos
 import numpy as np
 import tensorflow as tf
 
-from model import augment, checks
+from model import augment
 from pipeline import input as data_input
+from training import checks, devices
 
 MOST_CONFUSED = 20
 
@@ -22,13 +23,6 @@ def predict(model, images, crops):
     x = model.preprocess.normalize(images)
     patches = augment.ten_crops(x, model.preprocess.crop_size)
     return tf.add_n([tf.nn.softmax(tf.cast(model.net(p, training=False), tf.float32)) for p in patches]) / 10
-
-
-def local_replicas(strategy):
-    """Replicas of this worker: each takes its own batch from this worker's input pipeline."""
-    if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
-        return 1  # The default strategy (towers on two devices): one replica.
-    return len(strategy.extended.worker_devices)
 
 
 def _eval_step(model, crops, num_classes):
@@ -50,7 +44,7 @@ def evaluate(model, strategy, files, sizes, *, batch_size, image_size, crops, la
     per_class ({wnid: {name, images, top1_error, top5_error}}) and most_confused ([{true, predicted, count}]).
 
     batch_size is global; `labels` is [(wnid, name)] in label order."""
-    local = local_replicas(strategy)
+    local = devices.local_replicas(strategy)
     dataset = strategy.distribute_datasets_from_function(
         lambda ctx: data_input.eval_dataset(
             files,

@@ -14,8 +14,9 @@ import time
 import tensorflow as tf
 from absl import app, flags
 
-from model import checkpoints, similarity
 from pipeline import input as data_input
+from tools import similarity
+from training import checkpoints
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "The run's folder (train.py's --model_dir).", required=True)
 _DATA_DIR = flags.DEFINE_string(

@@ -1,5 +1,6 @@
-"""Where a run's weights live, and loading them into a Classifier: TensorFlow checkpoints, and the Keras
-`.weights.h5` files that runs wrote before the training loop kept TensorFlow checkpoints."""
+"""A run's folder: its checkpoints as training writes and resumes them, its small files written whole, and its
+weights loaded into a Classifier (TensorFlow checkpoints, and the Keras `.weights.h5` files that runs wrote
+before the training loop kept TensorFlow checkpoints)."""
 
 import json
 import os
@@ -24,6 +25,43 @@ _LEGACY_OTHER = {
     "layers/preprocess/vars/1": "preprocess/eigenvalues",
     "layers/preprocess/vars/2": "preprocess/eigenvectors",
 }
+
+
+class RunCheckpoints:
+    """checkpoints/ (the latest few: weights, momentum and the run's state, all a resumed run needs) and best/
+    (the weights of the best validation epoch). Under several workers each one saves (saving may need them all);
+    only the chief's are kept (TensorFlow's guide), the others save to a folder of their own and delete it."""
+
+    def __init__(self, model_dir, keep, *, model, optimizer, state, worker=None):
+        self.model_dir = model_dir
+        self.work_dir = model_dir if worker is None else os.path.join(model_dir, f".worker-{worker}")
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, state=state)
+        folder = os.path.join(self.work_dir, CHECKPOINTS)
+        self.latest = tf.train.CheckpointManager(self.checkpoint, folder, max_to_keep=keep)
+        best = os.path.join(self.work_dir, BEST)
+        self.best = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), best, max_to_keep=1)
+
+    def restore(self):
+        """Loads the chief's latest checkpoint, if there is one; returns whether there was."""
+        latest = tf.train.latest_checkpoint(os.path.join(self.model_dir, CHECKPOINTS))
+        if latest is not None:
+            self.checkpoint.restore(latest).assert_consumed()
+        return latest is not None
+
+    def save(self, step, best=False):
+        """best/ first: a run killed between the two saves redoes the epoch and saves best/ again."""
+        if best:
+            self.best.save(checkpoint_number=step)
+        self.latest.save(checkpoint_number=step)
+        if self.work_dir != self.model_dir:
+            tf.io.gfile.rmtree(self.work_dir)  # On an object store too (shutil would not reach it).
+
+
+def write_file(path, text):
+    """Writes a whole file or none: to a temporary name, then renamed (a kill mid-write leaves the old file)."""
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def resolve(model_dir, which="latest"):

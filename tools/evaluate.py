@@ -16,8 +16,8 @@ import sys
 import tensorflow as tf
 from absl import app, flags
 
-from model import checkpoints, checks, devices, evaluation, recipe
 from pipeline import input as data_input
+from training import checkpoints, checks, devices, evaluation, recipe
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "The run's folder (train.py's --model_dir).", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Converted data; default: the run's.")

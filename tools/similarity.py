@@ -6,8 +6,9 @@ query: ImageNet's fc7 features (1.28M x 4096 floats, 21 GB) are never held at on
 
 import tensorflow as tf
 
-from model import serving, summaries
 from pipeline import input as data_input
+from tools import serving
+from training import summaries
 
 
 def features(model, images):
