@@ -1,4 +1,4 @@
-r"""How far the served preprocessing (model/serving.py: TensorFlow's decode and antialiased bicubic resize) is
+r"""How far the served preprocessing (tools/serving.py: TensorFlow's decode and antialiased bicubic resize) is
 from what training saw (pipeline/images.py: Pillow's, then the record's JPEG at quality 90, decoded).
 
     python benchmarks/serving_resize.py [--photos='GLOB'] [--model_dir=RUN --raw_dir=RAW [--data_dir=DATA]]

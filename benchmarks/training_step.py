@@ -108,7 +108,8 @@ def contestants(precision, batch, baseline):
         if baseline:
             plain = plain_two_tower()
             assert plain.count_params() == 60_965_224, plain.count_params()  # The paper's count: same shapes.
-            timers["plain"] = step_timer(plain, keras.optimizers.SGD(recipe.LEARNING_RATE, recipe.MOMENTUM), batch)
+            paper = recipe.Config()
+            timers["plain"] = step_timer(plain, keras.optimizers.SGD(paper.learning_rate, paper.momentum), batch)
         timers["alexnet"] = step_timer(build_alexnet(1000), recipe.PaperSGD(), batch)
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -4,7 +4,7 @@ Tower a's layers end in `_a`, tower b's in `_b`; fc8 sits with tower a. The towe
 GPUs talk: at the inputs of conv3, fc6, fc7 and fc8 (§3.5). Given `tower_devices`, each tower's variables and its
 forward and backward ops live on its own device (§3.2, model/placement.py); without them both towers run wherever
 the caller places the model (under MirroredStrategy: on each replica's device). Weight decay is part of the
-update rule (model/recipe.py).
+update rule (training/recipe.py).
 """
 
 import keras

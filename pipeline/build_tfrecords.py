@@ -12,6 +12,7 @@ with its reason) and summary.json (seen = written + rejected per split; written 
 Flags this module does not know are Beam pipeline options; on DirectRunner both cores are used unless told otherwise.
 """
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -21,12 +22,15 @@ from absl import app, flags
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, WorkerOptions
 
-from pipeline import images, outputs, progress, sources, transforms
+from pipeline import conversion, outputs, progress, sources, transforms
 
+D = conversion.Config()  # The flags' defaults.
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Raw ImageNet folder holding train/ and val/.", required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the shards and statistics go.", required=True)
-_TRAIN_SHARDS = flags.DEFINE_integer("train_shards", 1024, "Number of training shards.", lower_bound=1)
-_VAL_SHARDS = flags.DEFINE_integer("validation_shards", 128, "Number of validation shards.", lower_bound=1)
+_TRAIN_SHARDS = flags.DEFINE_integer("train_shards", D.train_shards, "Number of training shards.", lower_bound=1)
+_VAL_SHARDS = flags.DEFINE_integer(
+    "validation_shards", D.validation_shards, "Number of validation shards.", lower_bound=1
+)
 _VAL_LABELS = flags.DEFINE_string(
     "val_labels_file",
     None,
@@ -41,19 +45,19 @@ _CLASS_NAMES = flags.DEFINE_string(
 )
 _TAR_READS = flags.DEFINE_enum(
     "tar_reads",
-    "auto",
-    ["auto", "in_order", "at_offsets"],
+    D.tar_reads,
+    conversion.TAR_READS,
     "How the downloaded tars are read: in_order (front to back, converting as they come: object stores), "
     "at_offsets (listed, then each image read by its shard's writer: local disks; only references are shuffled); "
     "auto: in_order from an object store, at_offsets from the local file system.",
 )
 _PROGRESS_SECONDS = flags.DEFINE_float(
-    "progress_seconds", progress.PROGRESS_SECONDS, "Each worker logs its progress this often.", lower_bound=0
+    "progress_seconds", D.progress_seconds, "Each worker logs its progress this often.", lower_bound=0
 )
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the shuffle that assigns images to shards.")
-_QUALITY = flags.DEFINE_integer("jpeg_quality", images.JPEG_QUALITY, "JPEG quality of the stored images.", 1, 100)
-_MIN_SIDE = flags.DEFINE_integer("min_side", images.MIN_SIDE, "Reject images with a side shorter than this.")
-_MAX_PIXELS = flags.DEFINE_integer("max_pixels", images.MAX_PIXELS, "Reject images with more pixels than this.")
+_SEED = flags.DEFINE_integer("seed", D.seed, "Seed of the shuffle that assigns images to shards.")
+_QUALITY = flags.DEFINE_integer("jpeg_quality", D.jpeg_quality, "JPEG quality of the stored images.", 1, 100)
+_MIN_SIDE = flags.DEFINE_integer("min_side", D.min_side, "Reject images with a side shorter than this.")
+_MAX_PIXELS = flags.DEFINE_integer("max_pixels", D.max_pixels, "Reject images with more pixels than this.")
 
 
 # Runners Beam knows only by their full name, whose options exist once their module is imported.
@@ -85,6 +89,12 @@ def pipeline_options(beam_args):
     return options
 
 
+def config_from_flags():
+    """The conversion.Config of the flags (the labels and names files are read into it by main)."""
+    names = {f.name for f in dataclasses.fields(conversion.Config)} - {"val_labels", "class_names"}
+    return conversion.Config(**{name: flags.FLAGS[name].value for name in names})
+
+
 def main(argv):
     input_dir, output_dir = _INPUT_DIR.value, _OUTPUT_DIR.value
     options = pipeline_options(argv[1:])
@@ -104,19 +114,9 @@ def main(argv):
         class_names = sources.resolve_class_names(input_dir, _CLASS_NAMES.value)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e)) from None
-    job = transforms.ConvertImageNet(
-        input_dir=input_dir,
-        output_dir=output_dir,
-        num_shards={"train": _TRAIN_SHARDS.value, "validation": _VAL_SHARDS.value},
-        seed=_SEED.value,
-        val_labels=val_labels,
-        convert_kwargs=dict(quality=_QUALITY.value, min_side=_MIN_SIDE.value, max_pixels=_MAX_PIXELS.value),
-        class_names=class_names,
-        tar_reads=_TAR_READS.value,
-        progress_seconds=_PROGRESS_SECONDS.value,
-    )
+    config = dataclasses.replace(config_from_flags(), val_labels=val_labels, class_names=class_names)
     p = beam.Pipeline(options=options)
-    _ = p | "ConvertImageNet" >> job
+    _ = p | "ConvertImageNet" >> transforms.ConvertImageNet(config)
     result = p.run()
     result.wait_until_finish()
     with FileSystems.open(FileSystems.join(output_dir, "summary.json")) as f:

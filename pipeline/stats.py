@@ -27,8 +27,8 @@ def rgb_products(image):
     """Exact sum over the pixels of x x^T (3x3 int64) for a uint8 HxWx3 image.
 
     uint8 products fit uint16; their sum over one channel plane fits uint32 up to 66,052 pixels (a 256x256 image
-    has 65,536) and is taken in uint64 beyond. ~3x faster than a float64 matmul of the (H*W)x3 pixels, whose two
-    small dimensions BLAS handles poorly.
+    has 65,536) and is taken in uint64 beyond. Integer sums per channel pair rather than a float64 matmul of the
+    (H*W)x3 pixels, whose two small dimensions BLAS handles poorly (docs/choices.md, "Conversion").
     """
     planes = np.ascontiguousarray(image.reshape(-1, 3).T, dtype=np.uint16)
     total = np.uint32 if planes.shape[1] * 255 * 255 < 2**32 else np.uint64

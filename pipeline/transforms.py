@@ -43,43 +43,19 @@ class Item(NamedTuple):
 
 
 class ConvertImageNet(beam.PTransform):
-    """The whole job: raw ImageNet in input_dir -> shards, statistics and summaries in output_dir."""
+    """The whole job: raw ImageNet in config.input_dir -> shards, statistics and summaries in config.output_dir
+    (config: a conversion.Config)."""
 
-    def __init__(
-        self,
-        *,
-        input_dir,
-        output_dir,
-        num_shards,
-        seed,
-        val_labels=None,
-        convert_kwargs=None,
-        class_names=None,
-        tar_reads="auto",
-        progress_seconds=progress.PROGRESS_SECONDS,
-    ):
+    def __init__(self, config):
         super().__init__()
-        self.input_dir, self.output_dir, self.num_shards, self.seed = input_dir, output_dir, num_shards, seed
-        self.val_labels, self.convert_kwargs, self.class_names = val_labels, convert_kwargs or {}, class_names or {}
-        self.tar_reads, self.progress_seconds = tar_reads, progress_seconds
+        self.config = config
 
     def expand(self, p):
-        staging_dir = outputs.new_staging_dir(self.output_dir)
-        read = {
-            split: p
-            | f"Read{split.title()}"
-            >> ReadImages(
-                split, self.input_dir, self.val_labels, self.convert_kwargs, self.tar_reads, self.progress_seconds
-            )
-            for split in outputs.SPLITS
-        }
+        staging_dir = outputs.new_staging_dir(self.config.output_dir)
+        read = {split: p | f"Read{split.title()}" >> ReadImages(split, self.config) for split in outputs.SPLITS}
         wnids = read["train"] | "TrainingClasses" >> TrainingClasses()
         written = {
-            split: read[split]
-            | f"Write{split.title()}"
-            >> WriteShards(
-                split, staging_dir, wnids, self.num_shards[split], self.seed, self.convert_kwargs, self.progress_seconds
-            )
+            split: read[split] | f"Write{split.title()}" >> WriteShards(split, staging_dir, wnids, self.config)
             for split in outputs.SPLITS
         }
         seen = [
@@ -98,31 +74,25 @@ class ConvertImageNet(beam.PTransform):
             "wnids": wnids,
             "pixel_stats": pixel_stats,
         }
-        return results | "Finalize" >> Finalize(self.output_dir, staging_dir, self.num_shards, self.class_names)
+        return results | "Finalize" >> Finalize(staging_dir, self.config)
 
 
 class ReadImages(beam.PTransform):
-    """Items for every file of a split, from the extracted folder or the downloaded tar. tar_reads: "in_order"
-    (converted as read front to back), "at_offsets" (listed; each read later at its offset) or "auto" (in order
-    from an object store, at offsets from the local file system)."""
+    """Items for every file of a split, from the extracted folder or the downloaded tar, read as config.tar_reads
+    says: converted as read front to back (in_order), or listed to be read later at their offsets (at_offsets)."""
 
-    def __init__(
-        self, split, input_dir, val_labels, convert_kwargs, tar_reads="auto", progress_seconds=progress.PROGRESS_SECONDS
-    ):
+    def __init__(self, split, config):
         super().__init__()
-        self.split, self.input_dir, self.val_labels, self.convert_kwargs = split, input_dir, val_labels, convert_kwargs
-        self.tar_reads, self.progress_seconds = tar_reads, progress_seconds
+        self.split, self.config = split, config
 
     def expand(self, pbegin):
         folder = "train" if self.split == "train" else "val"
-        kind, tar = sources.layout(self.input_dir, folder)
+        kind, tar = sources.layout(self.config.input_dir, folder)
         if kind == "tar":
-            if reads_in_order(self.tar_reads, tar):
-                read = "ReadAndConvert" >> beam.ParDo(
-                    _ConvertTarFn(self.split, self.val_labels, self.convert_kwargs, self.progress_seconds)
-                )
+            if reads_in_order(self.config.tar_reads, tar):
+                read = "ReadAndConvert" >> beam.ParDo(_ConvertTarFn(self.split, self.config))
             else:
-                read = "List" >> beam.ParDo(_ListTarFn(self.split, self.val_labels))
+                read = "List" >> beam.ParDo(_ListTarFn(self.split, self.config.val_labels))
             if folder == "val":
                 return pbegin | "Tar" >> beam.Create([sources.ImageRef("val", tar, 0, -1)]) | read
             return (  # A tar of class tars: each class tar read by one worker.
@@ -132,12 +102,12 @@ class ReadImages(beam.PTransform):
                 | "SpreadClassTars" >> beam.Reshuffle()
                 | read
             )
-        patterns = sources.folder_patterns(self.input_dir, folder) if kind else []  # Absent: an empty split.
+        patterns = sources.folder_patterns(self.config.input_dir, folder) if kind else []  # Absent: an empty split.
         return (
             pbegin
             | "Patterns" >> beam.Create(patterns)
             | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-            | "Items" >> beam.Map(_file_item, self.input_dir, self.val_labels)
+            | "Items" >> beam.Map(_file_item, self.config.input_dir, self.config.val_labels)
         )
 
 
@@ -160,17 +130,15 @@ class WriteShards(beam.PTransform):
     reason) and, for training, stats (a partial statistics accumulator per shard). Only the small (key, item) pairs of
     the folders, and the tars' converted JPEGs, go through the shuffle."""
 
-    def __init__(
-        self, split, staging_dir, wnids, num_shards, seed, convert_kwargs, progress_seconds=progress.PROGRESS_SECONDS
-    ):
+    def __init__(self, split, staging_dir, wnids, config):
         super().__init__()
-        self.split, self.wnids, self.num_shards, self.seed = split, wnids, num_shards, seed
-        self.fn = _WriteShardFn(split, staging_dir, num_shards, convert_kwargs, progress_seconds)
+        self.split, self.wnids, self.config = split, wnids, config
+        self.fn = _WriteShardFn(split, staging_dir, config)
 
     def expand(self, items):
         written = (
             items
-            | "Key" >> beam.Map(keyed, self.seed, self.num_shards)
+            | "Key" >> beam.Map(keyed, self.config.seed, self.config.num_shards[self.split])
             | "GroupByShard" >> beam.GroupByKey()
             | "ConvertAndWrite" >> beam.ParDo(self.fn, wnids=beam.pvalue.AsSingleton(self.wnids))
         )
@@ -193,9 +161,9 @@ class Finalize(beam.PTransform):
     """Once every shard is staged: the previous output replaced by this run's, then the small files, summary.json
     last. Takes a dict of PCollections: shards, rejected, seen, wnids, pixel_stats."""
 
-    def __init__(self, output_dir, staging_dir, num_shards, class_names):
+    def __init__(self, staging_dir, config):
         super().__init__()
-        self.fn = _FinalizeFn(output_dir, staging_dir, num_shards, class_names)
+        self.fn = _FinalizeFn(staging_dir, config)
 
     def expand(self, inputs):
         return (
@@ -273,9 +241,9 @@ class _ConvertTarFn(beam.DoFn):
     """Reads a tar front to back and converts its images as they come: ImageRef of a tar (the validation tar, or
     a class tar inside the training tar) -> an Item per regular file, named by its place in the extracted layout."""
 
-    def __init__(self, split, val_labels, convert_kwargs, progress_seconds=progress.PROGRESS_SECONDS):
-        self.split, self.val_labels, self.convert_kwargs = split, val_labels, convert_kwargs
-        self.progress_seconds = progress_seconds
+    def __init__(self, split, config):
+        self.split, self.val_labels, self.convert_kwargs = split, config.val_labels, config.convert_kwargs
+        self.progress_seconds = config.progress_seconds
 
     def setup(self):
         self.progress = progress.Progress(self.split, self.progress_seconds)
@@ -327,9 +295,9 @@ class _WriteShardFn(beam.DoFn):
     statistics of the images as stored: decoded from the JPEGs written, what the reader delivers). Images not
     converted yet (folders) are read and converted here, one at a time."""
 
-    def __init__(self, split, staging_dir, num_shards, convert_kwargs, progress_seconds=progress.PROGRESS_SECONDS):
-        self.split, self.staging_dir, self.num_shards = split, staging_dir, num_shards
-        self.convert_kwargs, self.progress_seconds = convert_kwargs, progress_seconds
+    def __init__(self, split, staging_dir, config):
+        self.split, self.staging_dir, self.num_shards = split, staging_dir, config.num_shards[split]
+        self.convert_kwargs, self.progress_seconds = config.convert_kwargs, config.progress_seconds
 
     def setup(self):
         self.progress = progress.Progress(self.split, self.progress_seconds)
@@ -379,9 +347,9 @@ def _example(jpeg, pixels, item, labels):
 
 
 class _FinalizeFn(beam.DoFn):
-    def __init__(self, output_dir, staging_dir, num_shards, class_names):
-        self.output_dir, self.staging_dir, self.num_shards = output_dir, staging_dir, num_shards
-        self.class_names = class_names
+    def __init__(self, staging_dir, config):
+        self.output_dir, self.staging_dir, self.num_shards = config.output_dir, staging_dir, config.num_shards
+        self.class_names = config.class_names
 
     def process(self, unused, shards, seen, rejected, wnids, pixel_stats):
         if not wnids:

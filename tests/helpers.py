@@ -45,24 +45,23 @@ def photos_dir():
 
 
 def run_conversion(input_dir, output_dir, **overrides):
-    """The Beam job in-process on the DirectRunner (one worker: fast to start in tests)."""
+    """The Beam job in-process on the DirectRunner (one worker: fast to start in tests); overrides are
+    conversion.Config's fields."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline import sources, transforms
+    from pipeline import conversion, sources, transforms
 
-    kwargs = dict(
+    settings = dict(
         input_dir=input_dir,
         output_dir=output_dir,
-        num_shards={"train": 4, "validation": 2},
-        seed=0,
+        train_shards=4,
+        validation_shards=2,
         val_labels=_val_labels(input_dir),
-        convert_kwargs={},
         class_names=sources.resolve_class_names(input_dir),
     )
-    kwargs.update(overrides)
     with beam.Pipeline(options=PipelineOptions(direct_num_workers=1)) as p:
-        _ = p | transforms.ConvertImageNet(**kwargs)
+        _ = p | transforms.ConvertImageNet(conversion.Config(**{**settings, **overrides}))
     return output_dir
 
 

@@ -86,7 +86,7 @@ def test_statistics_are_those_of_the_images_the_reader_delivers(demo_data):
 
 def test_rerun_is_deterministic_and_replaces_the_previous_output(demo_data, demo_raw, tmp_path):
     out = str(tmp_path / "out")
-    run_conversion(demo_raw, out, num_shards={"train": 3, "validation": 1})
+    run_conversion(demo_raw, out, train_shards=3, validation_shards=1)
     run_conversion(demo_raw, out)  # Same as the fixture's run: 4 + 2 shards, seed 0.
     names = sorted(os.listdir(out))
     assert [n for n in names if n.startswith("train-")] == [f"train-{i:05d}-of-00004" for i in range(4)]
@@ -99,7 +99,7 @@ def test_rerun_is_deterministic_and_replaces_the_previous_output(demo_data, demo
 
 def test_real_photos_and_oddities_are_all_accounted_for(tmp_path):
     root = os.path.join(photos_dir(), "oddities")
-    out = run_conversion(root, str(tmp_path / "out"), num_shards={"train": 2, "validation": 1})
+    out = run_conversion(root, str(tmp_path / "out"), train_shards=2, validation_shards=1)
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert summary["train"]["seen"] == 12

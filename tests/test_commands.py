@@ -1,4 +1,4 @@
-"""Using a trained run as users do: python -m model.evaluate, model.export, model.predict, model.neighbours."""
+"""Using a trained run as users do: python -m tools.evaluate, tools.export, tools.predict, tools.neighbours."""
 
 import glob
 import json
@@ -23,7 +23,7 @@ QUIET = ("WARNING", "I0000", "E0000", "W0000", "To enable", "INFO")
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
     export_dir = tmp_path_factory.mktemp("export") / "alexnet" / "1"
-    result = run("-m", "model.export", f"--model_dir={trained_run[0].model_dir}", f"--export_dir={export_dir}")
+    result = run("-m", "tools.export", f"--model_dir={trained_run[0].model_dir}", f"--export_dir={export_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Exported {trained_run[0].model_dir}/checkpoints/ckpt-6 to {export_dir}" in result.stdout
     return export_dir
@@ -36,7 +36,7 @@ def _val_jpegs(demo_raw):
 def test_evaluate_reports_the_runs_errors_by_class_and_writes_them(trained_run, tmp_path):
     config, final = trained_run
     output = tmp_path / "e.json"
-    result = run("-m", "model.evaluate", f"--model_dir={config.model_dir}", "--cpu_devices=2", f"--output={output}")
+    result = run("-m", "tools.evaluate", f"--model_dir={config.model_dir}", "--cpu_devices=2", f"--output={output}")
     assert result.returncode == 0, result.stderr[-3000:]
     first = result.stdout.splitlines()[0]
     assert first == (
@@ -76,13 +76,13 @@ def test_evaluate_on_a_short_shard_names_the_shortfall_instead_of_reporting_on_f
     data = shutil.copytree(config.data_dir, tmp_path / "data")
     shard = sorted(p for p in os.listdir(data) if p.startswith("validation-"))[0]
     (data / shard).write_bytes(b"")
-    result = run("-m", "model.evaluate", f"--model_dir={config.model_dir}", f"--data_dir={data}", "--crops=1")
+    result = run("-m", "tools.evaluate", f"--model_dir={config.model_dir}", f"--data_dir={data}", "--crops=1")
     assert result.returncode == 1
-    assert re.search(r"model.evaluate: the validation shards ran out after \d+ of 20 images", result.stderr)
+    assert re.search(r"tools.evaluate: the validation shards ran out after \d+ of 20 images", result.stderr)
 
 
 def test_evaluate_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
-    result = run("-m", "model.evaluate", f"--model_dir={tmp_path}")
+    result = run("-m", "tools.evaluate", f"--model_dir={tmp_path}")
     assert result.returncode == 1 and "holds no config.json: is it a train.py run's folder?" in result.stderr
 
 
@@ -150,7 +150,7 @@ def test_served_preprocessing_on_real_photos_of_every_shape():
 def test_predict_prints_the_top_five_and_names_the_files_it_could_not_read(exported, demo_raw, tmp_path):
     good = _val_jpegs(demo_raw)[:2]
     (tmp_path / "notes.JPEG").write_text("not an image")
-    result = run("-m", "model.predict", f"--export_dir={exported}", *good, str(tmp_path / "notes.JPEG"), "nowhere.jpg")
+    result = run("-m", "tools.predict", f"--export_dir={exported}", *good, str(tmp_path / "notes.JPEG"), "nowhere.jpg")
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     names = "|".join(name for _, name, _ in demo_data.CLASSES)
@@ -159,7 +159,7 @@ def test_predict_prints_the_top_five_and_names_the_files_it_could_not_read(expor
     assert lines[2] == f"{tmp_path / 'notes.JPEG'}: not an image TensorFlow can decode (JPEG, PNG, GIF or BMP)"
     assert lines[3].startswith("nowhere.jpg: cannot read it")
     assert "2 of 4 files could not be predicted" in result.stderr
-    assert run("-m", "model.predict", f"--export_dir={exported}", *good).returncode == 0
+    assert run("-m", "tools.predict", f"--export_dir={exported}", *good).returncode == 0
 
 
 def test_nearest_neighbours_are_the_brute_force_ones(trained_run):
@@ -185,7 +185,7 @@ def test_neighbours_writes_figure_4_as_png_and_to_tensorboard(trained_run, demo_
     queries = _val_jpegs(demo_raw)[:2]
     output = tmp_path / "figure4.png"
     args = [f"--model_dir={config.model_dir}", f"--images={','.join(queries)}", "--k=3", f"--output={output}"]
-    result = run("-m", "model.neighbours", *args)
+    result = run("-m", "tools.neighbours", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     picture = tf.io.decode_png(output.read_bytes()).numpy()
     assert picture.shape == (2 * (64 + 4), 4 * (64 + 4), 3)  # Two rows: the query and 3 neighbours, 4 px apart.

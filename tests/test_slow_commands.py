@@ -19,8 +19,8 @@ def test_the_export_on_raw_validation_jpegs_errs_as_evaluate_does_on_their_recor
         ["-m", "pipeline.make_demo_data", f"--output_dir={raw}", "--train_per_class=100", "--val_per_class=20"],
         ["-m", "pipeline.build_tfrecords", f"--input_dir={raw}", f"--output_dir={data}", "--train_shards=4"],
         ["train.py", "--flagfile=configs/demo.flags", f"--data_dir={data}", f"--model_dir={model}", *TRAIN],
-        ["-m", "model.evaluate", f"--model_dir={model}", "--crops=1", f"--output={tmp_path / 'records.json'}"],
-        ["-m", "model.export", f"--model_dir={model}", f"--export_dir={export}"],
+        ["-m", "tools.evaluate", f"--model_dir={model}", "--crops=1", f"--output={tmp_path / 'records.json'}"],
+        ["-m", "tools.export", f"--model_dir={model}", f"--export_dir={export}"],
     ]
     for args in steps:
         result = run(*args)
@@ -30,7 +30,7 @@ def test_the_export_on_raw_validation_jpegs_errs_as_evaluate_does_on_their_recor
     assert records["top1_error"] < 0.8  # Chance is 0.9: the network has learned something to compare.
     labels = sources.read_val_labels(str(raw / "validation_labels.txt"))
     files = sorted(glob.glob(str(raw / "val" / "*.JPEG")))
-    result = run("-m", "model.predict", f"--export_dir={export}", *files)
+    result = run("-m", "tools.predict", f"--export_dir={export}", *files)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (raw / "LOC_synset_mapping.txt").read_text().splitlines()
     names = dict(line.split(" ", 1) for line in lines)

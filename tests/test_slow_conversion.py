@@ -73,12 +73,12 @@ def test_workers_with_only_what_setup_py_installs_run_the_jobs_steps(demo_raw, t
         import importlib.util, sys
         assert importlib.util.find_spec("tensorflow_datasets") is None
         import apache_beam as beam
-        from pipeline import sources, transforms
+        from pipeline import conversion, sources, transforms
         assert transforms.__file__.startswith({str(venv)!r}), transforms.__file__  # The installed copy.
         labels = sources.read_val_labels({str(os.path.join(demo_raw, "validation_labels.txt"))!r})
         with beam.Pipeline() as p:
-            _ = p | transforms.ConvertImageNet(input_dir={demo_raw!r}, output_dir={str(tmp_path / "out")!r},
-                num_shards={{"train": 2, "validation": 1}}, seed=0, val_labels=labels)
+            _ = p | transforms.ConvertImageNet(conversion.Config(input_dir={demo_raw!r},
+                output_dir={str(tmp_path / "out")!r}, train_shards=2, validation_shards=1, val_labels=labels))
         print(open({str(tmp_path / "out" / "summary.json")!r}).read())
     """)
     result = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900)

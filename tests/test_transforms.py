@@ -13,9 +13,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import demo_data, images, outputs, sources, stats, transforms
+from pipeline import conversion, demo_data, images, sources, stats, transforms
 from tests import object_store
 from tests.helpers import run_conversion
+
+_SPEC = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
+TWO_SHARDS = conversion.Config(train_shards=2, seed=0)
 
 
 def _input_bytes(root):
@@ -78,12 +81,10 @@ def test_write_shards_outputs_shards_rejections_and_statistics(demo_raw, tmp_pat
         written = (
             p
             | "Items" >> beam.Create(items)
-            | transforms.WriteShards("train", staging, p | "Wnids" >> beam.Create([wnids]), 2, 0, {})
+            | transforms.WriteShards("train", staging, p | "Wnids" >> beam.Create([wnids]), TWO_SHARDS)
         )
-        shard_counts = {}
-        for shard, _ in (transforms.keyed(item, 0, 2) for item in items[:-1]):
-            shard_counts[shard] = shard_counts.get(shard, 0) + 1
-        expected = [("train", outputs.shard_name("train", s, 2), n) for s, n in shard_counts.items()]
+        # The seeded hash puts n90000001_1 and n90000001_cmyk in shard 0, the other five in shard 1.
+        expected = [("train", "train-00000-of-00002", 2), ("train", "train-00001-of-00002", 5)]
         assert_that(written.shards, equal_to(expected), label="Shards")
         assert_that(written.rejected, equal_to([("train", "/nowhere", "empty file")]), label="Rejected")
         merged = written.stats | beam.CombineGlobally(stats.MergeStatsFn())
@@ -99,13 +100,10 @@ def test_write_shards_outputs_shards_rejections_and_statistics(demo_raw, tmp_pat
     np.testing.assert_allclose(fn.extract_output(accumulator)["mean_image"], pixels.mean(axis=0), atol=1e-9)
 
 
-_SPEC = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
-
-
 def test_a_shard_written_twice_has_the_same_bytes(demo_raw, tmp_path):
     items = _items(demo_raw)
     wnids = sorted({item.wnid for item in items if item.wnid})
-    fn = transforms._WriteShardFn("train", str(tmp_path), 1, {})
+    fn = transforms._WriteShardFn("train", str(tmp_path), conversion.Config(train_shards=1))
     fn.setup()
     keyed = [transforms.keyed(item, 0, 1)[1] for item in items]
     list(fn.process((0, keyed), wnids))  # noqa: B018
@@ -117,7 +115,7 @@ def test_a_shard_written_twice_has_the_same_bytes(demo_raw, tmp_path):
 def test_finalize_run_twice_and_after_failing_half_way_gives_the_whole_output(demo_raw, tmp_path, monkeypatch):
     reference = run_conversion(demo_raw, str(tmp_path / "reference"))
     out = str(tmp_path / "out")
-    run_conversion(demo_raw, out, num_shards={"train": 3, "validation": 1})  # A previous output to replace.
+    run_conversion(demo_raw, out, train_shards=3, validation_shards=1)  # A previous output to replace.
     renames = []
     rename = FileSystems.rename
 

@@ -1,7 +1,7 @@
 r"""Top-1 and top-5 error (§6) of a trained run's checkpoint on a whole split: the centre crop or §4.1's ten
 patches, with each class's errors and the most confused pairs.
 
-    python -m model.evaluate --model_dir=RUN [--data_dir=DATA] [--checkpoint=latest|best|PATH] [--crops=10]
+    python -m tools.evaluate --model_dir=RUN [--data_dir=DATA] [--checkpoint=latest|best|PATH] [--crops=10]
                              [--output=FILE.json] [--strategy=mirrored|towers|multi_worker ...]
 
 DATA defaults to the run's own --data_dir; PATH is a checkpoint prefix or folder, or a .weights.h5 of an earlier
@@ -66,13 +66,13 @@ def main(argv):
                 _MODEL_DIR.value, _CHECKPOINT.value, settings["precision"], tuple(_TOWER_DEVICES.value) or None
             )
     except (checks.ConfigError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"model.evaluate: {e}")
+        sys.exit(f"tools.evaluate: {e}")
     crops = int(_CROPS.value)
     kwargs = dict(batch_size=batch_size, image_size=settings["image_size"], crops=crops, labels=labels)
     try:
         result = evaluation.evaluate(model, strategy, files, sizes, split=_SPLIT.value, **kwargs)
     except checks.DataError as e:
-        sys.exit(f"model.evaluate: {e}")
+        sys.exit(f"tools.evaluate: {e}")
     result.update(checkpoint=path, split=_SPLIT.value, data_dir=data_dir)
     output = _OUTPUT.value or os.path.join(
         _MODEL_DIR.value, f"evaluation-{os.path.basename(path).replace('.weights.h5', '')}-{crops}crop.json"

@@ -1,6 +1,6 @@
-r"""Exports a trained run as a SavedModel that serves encoded images (model/serving.py).
+r"""Exports a trained run as a SavedModel that serves encoded images (tools/serving.py).
 
-    python -m model.export --model_dir=RUN --export_dir=DIR [--checkpoint=latest|best|PATH] [--crops=1|10]
+    python -m tools.export --model_dir=RUN --export_dir=DIR [--checkpoint=latest|best|PATH] [--crops=1|10]
 
 The signature serving_default takes image_bytes (a batch of encoded JPEG/PNG strings of any size; the _bytes
 suffix is TF Serving's REST convention for base64 input) and returns scores (float32 [batch, 5], descending
@@ -26,7 +26,7 @@ def main(argv):
     try:
         model, _, labels, path = checkpoints.restore_classifier(_MODEL_DIR.value, _CHECKPOINT.value)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"model.export: {e}")
+        sys.exit(f"tools.export: {e}")
     serving.export(model, labels, _EXPORT_DIR.value, crops=int(_CROPS.value))
     print(
         f"Exported {path} to {_EXPORT_DIR.value}: serving_default(image_bytes) -> scores, classes, wnids, names "

@@ -1,6 +1,6 @@
 r"""Figure 4 (§6.1): for query images, the six training images whose fc7 activations are nearest.
 
-    python -m model.neighbours --model_dir=RUN [--data_dir=DATA] (--images=A.jpg,B.png | --validation_images=N)
+    python -m tools.neighbours --model_dir=RUN [--data_dir=DATA] (--images=A.jpg,B.png | --validation_images=N)
                                [--k=6] [--output=FILE.png] [--checkpoint=latest|best|PATH]
 
 Writes one PNG (a row per query: the query, then its neighbours, nearest first) and the same image to
@@ -53,7 +53,7 @@ def main(argv):
         files = data_input.shard_files(data_dir, "train")
         sizes = data_input.shard_sizes(files, data_input.load_summary(data_dir), "train")
     except (FileNotFoundError, ValueError, tf.errors.OpError) as e:
-        sys.exit(f"model.neighbours: {e}")
+        sys.exit(f"tools.neighbours: {e}")
     start = time.perf_counter()
     distances, neighbours, classes = similarity.nearest(
         model, images, files, sizes, k=_K.value, batch_size=_BATCH_SIZE.value

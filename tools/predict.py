@@ -1,6 +1,6 @@
-r"""The top five classes of image files, from a SavedModel written by `python -m model.export`.
+r"""The top five classes of image files, from a SavedModel written by `python -m tools.export`.
 
-    python -m model.predict --export_dir=DIR IMAGE [IMAGE ...]
+    python -m tools.predict --export_dir=DIR IMAGE [IMAGE ...]
 
 Prints one line per image; a file that cannot be read or decoded gets a line saying so and the others are still
 predicted. Exits with status 1 if any image failed. Needs TensorFlow only.
@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # A file that is not an imag
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "The SavedModel (model.export's --export_dir).", required=True)
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "The SavedModel (tools.export's --export_dir).", required=True)
 
 
 def predict_file(serve, path):
@@ -34,7 +34,7 @@ def predict_file(serve, path):
 def main(argv):
     paths = argv[1:]
     if not paths:
-        raise app.UsageError("give the image files to predict: python -m model.predict --export_dir=DIR IMAGE...")
+        raise app.UsageError("give the image files to predict: python -m tools.predict --export_dir=DIR IMAGE...")
     serve = tf.saved_model.load(_EXPORT_DIR.value).signatures["serving_default"]
     failed = 0
     for path in paths:

@@ -1,6 +1,6 @@
 """The trained network as a service: encoded images in, the top five classes out, with the paper's test-time
 preprocessing inside (§2: shorter side to 256, the central 256x256, the mean image subtracted; §4.1: the central
-224 patch, or the ten patches). `python -m model.export` writes it; `python -m model.predict` and TF Serving run it.
+224 patch, or the ten patches). `python -m tools.export` writes it; `python -m tools.predict` and TF Serving run it.
 """
 
 import tensorflow as tf

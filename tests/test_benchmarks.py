@@ -1,0 +1,34 @@
+"""Every benchmark runs, in a tiny configuration, so that `make benchmarks` never breaks unnoticed. The figures
+themselves are not checked here: they mean something only at full size (docs/benchmarks.md)."""
+
+import re
+
+import pytest
+
+from tests.helpers import run
+
+TINY = [
+    (
+        "benchmarks/training_step.py",
+        ["--batch_size=2", "--rounds=1", "--precisions=float32"],
+        r"float32: matmul roofline \d+ GFLOP/s.*\n  plain: .*\n  alexnet: .*\n  alexnet / plain: \d+\.\d\d",
+    ),
+    (
+        "benchmarks/conversion.py",
+        ["--images=8", "--workers=1", "--mode=multi_threading"],
+        r"16 images: plain PIL loop \d+ img/s.*\n.*\n.* ms of CPU per image: full ImageNet",
+    ),
+    (
+        "benchmarks/input_pipeline.py",
+        ["--images=256", "--batch_size=8", "--rounds=1", "--step_rounds=0"],
+        r"reader: \d+ img/s vs plain \d+ img/s: \d+\.\d\d.*\n(.*\n)*  service: \d+ img/s vs reader",
+    ),
+    ("benchmarks/serving_resize.py", [], r"served vs record \(what training saw\): \d+\.\d\d; \d+\.\d"),
+]
+
+
+@pytest.mark.parametrize("script, args, prints", TINY, ids=[script for script, _, _ in TINY])
+def test_benchmark_runs_in_a_tiny_configuration(script, args, prints):
+    result = run(script, *args, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(prints, result.stdout), result.stdout
