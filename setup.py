@@ -19,9 +19,11 @@ setuptools.setup(
     ],
     extras_require={
         # Beam (and tensorflow-datasets, for its ILSVRC-2012 validation labels) only for the conversion job and
-        # its workers: training never imports them.
-        "beam": ["apache-beam==2.77.*", "tensorflow-datasets==4.9.10"],
-        # dask: the slow test that runs the conversion on a dask.distributed cluster (Beam's DaskRunner).
-        "test": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "dask[distributed]>=2024.4.2"],
+        # its workers: training never imports them. Beam's gcp extra reads and writes gs:// and runs on Dataflow;
+        # build packages --setup_file for Dataflow's workers (Beam falls back to `setup.py sdist` without it).
+        "beam": ["apache-beam[gcp]==2.77.*", "tensorflow-datasets==4.9.10", "build"],
+        # dask: the slow test that runs the conversion on a dask.distributed cluster (Beam's DaskRunner);
+        # gcp-storage-emulator: a GCS API on loopback for the gs:// tests.
+        "test": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "dask[distributed]>=2024.4.2", "gcp-storage-emulator"],
     },
 )

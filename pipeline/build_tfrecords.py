@@ -20,7 +20,13 @@ import logging
 import apache_beam as beam
 from absl import app, flags
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, WorkerOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+    TestOptions,
+    WorkerOptions,
+)
 
 from pipeline import conversion, outputs, progress, sources, transforms
 
@@ -89,6 +95,23 @@ def pipeline_options(beam_args):
     return options
 
 
+def staged_files(result):
+    """What a built Dataflow job stages for its workers (workflow.tar.gz: this project, from --setup_file)."""
+    from apache_beam.portability import common_urns
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    job = getattr(result, "job", None)
+    if job is None:
+        return []
+    names = set()
+    for environment in job.proto_pipeline.components.environments.values():
+        for artifact in environment.dependencies:
+            if artifact.role_urn == common_urns.artifact_roles.STAGING_TO.urn:
+                payload = beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(artifact.role_payload)
+                names.add(payload.staged_name)
+    return sorted(names)
+
+
 def config_from_flags():
     """The conversion.Config of the flags (the labels and names files are read into it by main)."""
     names = {f.name for f in dataclasses.fields(conversion.Config)} - {"val_labels", "class_names"}
@@ -119,6 +142,13 @@ def main(argv):
     _ = p | "ConvertImageNet" >> transforms.ConvertImageNet(config)
     result = p.run()
     result.wait_until_finish()
+    if options.view_as(TestOptions).dry_run:  # Beam's --dry_run: the job was built, not run.
+        staged = ", ".join(staged_files(result)) or "nothing"
+        print(
+            f"Built the {options.view_as(StandardOptions).runner} job (--dry_run): not submitted, nothing written; "
+            f"its workers would get {staged}"
+        )
+        return
     with FileSystems.open(FileSystems.join(output_dir, "summary.json")) as f:
         summary = json.load(f)
     print(f"Wrote {output_dir}: {json.dumps(summary)}")

@@ -32,9 +32,11 @@ def new_staging_dir(output_dir):
 
 
 def write_bytes(path, data):
-    """Writes path whole (again, with the same bytes, when a step runs twice)."""
-    with FileSystems.create(path) as f:
+    """Writes path whole or not at all: to a temporary name, then renamed (a kill mid-write on a local disk would
+    leave half a file where the next reader looks). Again, with the same bytes, when a step runs twice."""
+    with FileSystems.create(path + ".tmp") as f:
         f.write(data)
+    FileSystems.rename([path + ".tmp"], [path])
 
 
 def copy_local_to(local_path, destination):

@@ -14,6 +14,7 @@ names, the same shard assignment and the same records. A validation labels file 
 for image number i (tensorflow-datasets' format). Labels are 0-based in sorted-wnid order of the training classes.
 """
 
+import functools
 import importlib.util
 import io
 import os
@@ -27,6 +28,8 @@ VAL_FILE_RE = re.compile(r"ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
 TFDS_VAL_LABELS = ("datasets", "imagenet2012", "validation_labels.txt")
 TARS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}
 CLASS_NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")  # Kaggle's copy of ImageNet; the ILSVRC devkit.
+GCS_CHUNK = 16 << 20  # What Beam's GCS reader fetches per request unless told otherwise.
+HEADER_CHUNK = 64 << 10  # A tar header (512 bytes) and the next few, when a listing seeks from header to header.
 
 
 class ImageRef(NamedTuple):
@@ -43,9 +46,31 @@ class ImageRef(NamedTuple):
         return self.source if self.offset < 0 else f"{self.source}:{self.relative}"
 
 
-def open_file(path):
-    """A binary reader of path as stored (no decompression guessed from the name)."""
+def open_file(path, chunk=None):
+    """A binary reader of path as stored (no decompression guessed from the name). On gs://, `chunk` is what each
+    ranged request fetches (Beam's GCS reader asks for GCS_CHUNK whatever is read): small where only headers are
+    read, a window's size divided evenly where a window is read front to back, so that no byte is served twice or
+    past the window."""
+    if chunk and FileSystems.get_scheme(path) == "gs":
+        return _gcs().open(path, "rb", read_buffer_size=int(chunk))
     return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+@functools.cache
+def _gcs():
+    from apache_beam.io.gcp import gcsio
+
+    return gcsio.GcsIO()
+
+
+def even_chunk(size, most=GCS_CHUNK):
+    """The chunk that reads `size` bytes in the fewest equal requests of at most `most` bytes."""
+    requests = max(1, -(-size // most))
+    return max(1, -(-size // requests))
+
+
+def size_of(path):
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
 
 
 def wnid_of(path):
@@ -154,7 +179,7 @@ def tar_contents(f, start=0, size=None):
 
 def read_image(ref):
     """The bytes of ref: a whole file, or a member of a tar."""
-    with open_file(ref.source) as f:
+    with open_file(ref.source, chunk=ref.size if ref.offset >= 0 else None) as f:
         if ref.offset < 0:
             return f.read()
         f.seek(ref.offset)

@@ -204,7 +204,7 @@ def reads_in_order(tar_reads, tar):
 
 def _class_tars(tar):
     """The class tars <wnid>.tar inside the training tar (reading only headers)."""
-    with sources.open_file(tar) as f, _naming(tar):
+    with sources.open_file(tar, chunk=sources.HEADER_CHUNK) as f, _naming(tar):
         for name, offset, size in sources.tar_members(f):
             yield sources.ImageRef(f"train/{name}", tar, offset, size)
 
@@ -252,8 +252,10 @@ class _ConvertTarFn(beam.DoFn):
         if self.split == "train" and not tar.relative.endswith(".tar"):  # Not a class tar: rejected as unlabelled.
             yield Item(tar, None)
             return
-        with self.progress.timed(), sources.open_file(tar.source) as f, _naming(tar.describe()):
-            for name, offset, data in sources.tar_contents(f, *_window(tar)):
+        start, size = _window(tar)
+        chunk = sources.even_chunk(size if size is not None else sources.size_of(tar.source) - start)
+        with self.progress.timed(), sources.open_file(tar.source, chunk) as f, _naming(tar.describe()):
+            for name, offset, data in sources.tar_contents(f, start, size):
                 ref = sources.ImageRef(_member_path(self.split, tar, name), tar.source, offset, len(data))
                 jpeg, reason = images.convert_or_reject(data, **self.convert_kwargs)
                 self.progress.count(rejected=reason is not None)
@@ -271,7 +273,7 @@ class _ListTarFn(beam.DoFn):
         if self.split == "train" and not tar.relative.endswith(".tar"):
             yield Item(tar, None)
             return
-        with sources.open_file(tar.source) as f, _naming(tar.describe()):
+        with sources.open_file(tar.source, sources.HEADER_CHUNK) as f, _naming(tar.describe()):
             for name, offset, size in sources.tar_members(f, *_window(tar)):
                 ref = sources.ImageRef(_member_path(self.split, tar, name), tar.source, offset, size)
                 yield Item(ref, sources.label_of(ref.relative, self.val_labels))

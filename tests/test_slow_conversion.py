@@ -58,8 +58,9 @@ def test_the_dask_runner_on_a_local_cluster_writes_the_direct_runners_bytes(demo
 
 
 def test_workers_with_only_what_setup_py_installs_run_the_jobs_steps(demo_raw, tmp_path):
-    """What --setup_file gives Dataflow's workers: this package and its install_requires over Beam (the workers'
-    container has Beam): no tensorflow-datasets, no extras, nothing from the launching machine."""
+    """What --setup_file gives Dataflow's workers: this package and its install_requires over Beam with its GCP
+    extra (the workers' container has them): no tensorflow-datasets, no extras of ours, nothing from the launching
+    machine; gs:// paths resolve to Beam's GCS file system."""
     venv, source = tmp_path / "venv", tmp_path / "source"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:  # The checkout as the launcher ships it (pip builds in the source folder).
@@ -67,12 +68,14 @@ def test_workers_with_only_what_setup_py_installs_run_the_jobs_steps(demo_raw, t
         shutil.copy(os.path.join(ROOT, name), source / name)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    install = [python, "-m", "pip", "install", "--quiet", "apache-beam==2.77.*", str(source)]
+    install = [python, "-m", "pip", "install", "--quiet", "apache-beam[gcp]==2.77.*", str(source)]
     subprocess.run(install, check=True, cwd=tmp_path, timeout=1800)
     code = textwrap.dedent(f"""
         import importlib.util, sys
         assert importlib.util.find_spec("tensorflow_datasets") is None
         import apache_beam as beam
+        from apache_beam.io.filesystems import FileSystems
+        assert type(FileSystems.get_filesystem("gs://bucket/x")).__name__ == "GCSFileSystem"
         from pipeline import conversion, sources, transforms
         assert transforms.__file__.startswith({str(venv)!r}), transforms.__file__  # The installed copy.
         labels = sources.read_val_labels({str(os.path.join(demo_raw, "validation_labels.txt"))!r})

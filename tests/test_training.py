@@ -73,31 +73,66 @@ def test_a_run_writes_checkpoints_the_best_weights_and_the_final_evaluation(refe
         assert recipe.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}) == config
 
 
-@pytest.mark.parametrize("stop_at, resumed_at", [(3, 2), (4, 3), (6, 4)])
-def test_a_stopped_run_resumes_exactly_where_its_checkpoint_was(reference, tmp_path, stop_at, resumed_at):
-    """Stopped in the warm-up (before step 3, checkpoint at 2), after epoch 1 (3 steps) and in epoch 2 one step
-    after its checkpoint (4): the same command continues from the checkpoint, takes only the steps after it, and
-    ends with the uninterrupted run's weights, bit for bit."""
+def test_a_run_stopped_again_and_again_resumes_exactly_where_its_checkpoints_were(reference, monkeypatch, tmp_path):
+    """One run stopped (as by a kill) before its first checkpoint (before step 2), in the warm-up (before step 3:
+    checkpoint at 2), after epoch 1 (before step 4: checkpoint at 3, the epoch's end), in epoch 2 one step after
+    its checkpoint (before step 6: checkpoint at 4) and in its final evaluation. Each time the same command
+    continues from the last checkpoint and takes only the steps after it; the run ends with the uninterrupted
+    run's weights, bit for bit, and TensorBoard holds one point per step."""
     config = dataclasses.replace(reference[0], model_dir=str(tmp_path))
-    with pytest.raises(Stopped):
-        loop.train(config, before_step=Steps(stop_at=stop_at))
+    legs = []
+    for stop_at in (2, 3, 4, 6):
+        steps = Steps(stop_at=stop_at)
+        with pytest.raises(Stopped):
+            loop.train(config, before_step=steps)
+        legs.append(steps.taken)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "final_evaluation", lambda run: (_ for _ in ()).throw(Stopped("in evaluation")))
+        steps = Steps()
+        with pytest.raises(Stopped):
+            loop.train(config, before_step=steps)
+        legs.append(steps.taken)
     steps = Steps()
     result = loop.train(config, before_step=steps)
-    assert steps.taken == list(range(resumed_at + 1, 7))
+    legs.append(steps.taken)
+    assert legs == [[1], [1, 2], [3], [4, 5], [5, 6], []]
     assert result["weights_sha256"] == reference[1]["weights_sha256"]
     assert result == reference[1]
-    for tag in ("loss", "learning_rate"):  # The stopped run's points after the checkpoint were dropped.
+    for tag in ("loss", "learning_rate"):  # The stopped legs' points after their checkpoints were dropped.
         assert _steps_logged(os.path.join(config.model_dir, "train"), tag) == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_run_stopped_in_its_final_evaluation_redoes_only_the_evaluation(reference, monkeypatch, tmp_path):
+def test_a_run_killed_between_its_best_weights_and_its_checkpoint_keeps_the_best_weights(
+    reference, monkeypatch, tmp_path
+):
+    """The epoch's end writes best/ and the checkpoint; killed between the two writes at the best epoch, the
+    resumed run still ends with best/ holding that epoch's weights (--checkpoint=best exports the best network)."""
+    best = tf.train.latest_checkpoint(os.path.join(reference[0].model_dir, "best"))
+    best_step = int(best.rsplit("-", 1)[1])
     config = dataclasses.replace(reference[0], model_dir=str(tmp_path))
-    monkeypatch.setattr(loop, "final_evaluation", lambda run: (_ for _ in ()).throw(Stopped("in evaluation")))
-    with pytest.raises(Stopped):
-        loop.train(config)
-    monkeypatch.undo()
-    steps = Steps()
-    assert loop.train(config, before_step=steps) == reference[1] and steps.taken == []
+    save, written = tf.train.CheckpointManager.save, []
+
+    def killed_after_the_first_write_at_the_best_step(manager, checkpoint_number=None, **kwargs):
+        # The best epoch ends at step 3 or 6, where no periodic checkpoint falls (every 2 steps, not at an
+        # epoch's last step): its first write there is the first of the epoch end's two.
+        path = save(manager, checkpoint_number=checkpoint_number, **kwargs)
+        written.append(checkpoint_number)
+        if checkpoint_number == best_step and written.count(best_step) == 1:
+            raise Stopped(f"killed between the two writes at step {best_step}")
+        return path
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tf.train.CheckpointManager, "save", killed_after_the_first_write_at_the_best_step)
+        with pytest.raises(Stopped):
+            loop.train(config)
+    assert loop.train(config) == reference[1]
+    resumed_best = tf.train.latest_checkpoint(os.path.join(config.model_dir, "best"))
+    assert resumed_best.endswith(f"ckpt-{best_step}")
+    for name, _ in tf.train.list_variables(best):
+        if name.startswith("model/"):
+            np.testing.assert_array_equal(
+                tf.train.load_variable(resumed_best, name), tf.train.load_variable(best, name), err_msg=name
+            )
 
 
 def test_a_finished_run_started_again_says_so_and_keeps_its_results(reference, capsys):
@@ -283,13 +318,19 @@ def test_towers_on_two_devices_train_every_weight_where_it_lives():
         assert w.value.device.endswith(expected) and momentum.value.device.endswith(expected), w.path
 
 
-def test_profiled_steps_are_marked_for_the_step_time_and_input_pipeline_pages(demo_data, tmp_path):
-    """Keras' TensorBoard callback marks steps without _r=1, which leaves the profiler's step pages empty."""
+def test_profiled_steps_are_marked_and_a_run_resumed_inside_the_window_traces_the_rest(demo_data, tmp_path):
+    """Keras' TensorBoard callback marks steps without _r=1, which leaves the profiler's step pages empty. A run
+    killed inside the --profile_steps window and resumed there traces the window's steps it still takes."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    loop.train(_config(demo_data, tmp_path, epochs=1, profile_steps=(2, 3), eval_crops=1))
-    (path,) = tf.io.gfile.glob(os.path.join(tmp_path, "train", "plugins", "profile", "*", "*.xplane.pb"))
-    with open(path, "rb") as f:
+    config = _config(demo_data, tmp_path, epochs=1, batch_size=8, profile_steps=(2, 4), eval_crops=1)  # 7 steps.
+    with pytest.raises(Stopped):
+        loop.train(config, before_step=Steps(stop_at=4))  # Checkpoint at 2; steps 2 and 3 traced.
+    tf.profiler.experimental.stop()  # A killed process's profiler ends with it.
+    loop.train(config)
+    traces = sorted(tf.io.gfile.glob(os.path.join(tmp_path, "train", "plugins", "profile", "*", "*.xplane.pb")))
+    assert len(traces) == 2
+    with open(traces[-1], "rb") as f:
         space = xplane_pb2.XSpace.FromString(f.read())
     steps, iterator_events = [], 0
     for plane in space.planes:
@@ -302,5 +343,5 @@ def test_profiled_steps_are_marked_for_the_step_time_and_input_pipeline_pages(de
                 if name == "train":
                     marks = {stats[s.metadata_id]: s.int64_value or s.uint64_value for s in event.stats}
                     steps.append((marks["step_num"], marks["_r"]))
-    assert sorted(steps) == [(2, 1), (3, 1)]  # The step-time page's steps.
+    assert sorted(steps) == [(3, 1), (4, 1)]  # The step-time page's steps: the resumed run's part of the window.
     assert iterator_events > 0  # The input-pipeline page's tf.data events.
