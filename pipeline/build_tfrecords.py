@@ -91,7 +91,7 @@ def pipeline_options(beam_args):
             # they are read) and the GroupByKey after it (README, "Conversion"); processes lost none.
             direct.direct_running_mode = "multi_processing"
     if "--default_sdk_harness_log_level" not in given:
-        options.view_as(WorkerOptions).default_sdk_harness_log_level = "WARNING"  # Progress is logged as warnings.
+        options.view_as(WorkerOptions).default_sdk_harness_log_level = "WARNING"  # Workers: warnings and errors.
     return options
 
 
@@ -172,5 +172,5 @@ def _parse_flags(argv):
 
 if __name__ == "__main__":
     logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # Progress (transforms.py) is logged as warnings.
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # Its INFO lines are noise here.
     app.run(main, flags_parser=_parse_flags)

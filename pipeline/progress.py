@@ -1,9 +1,9 @@
-"""The conversion's progress: a log line per worker every PROGRESS_SECONDS, and the metrics from which the
+"""The conversion's progress: a line per worker every PROGRESS_SECONDS, and the metrics from which the
 launcher prints the conversion's rate and CPU time per image when the job ends."""
 
 import contextlib
-import logging
 import os
+import sys
 import threading
 import time
 
@@ -29,14 +29,13 @@ class Progress:
         now = time.time()
         if now - self.last_log >= self.seconds:
             self.last_log = now
-            logging.warning(
-                "%s: %d images on worker %d/%s (%d rejected), %.1f images/s",
-                self.split,
-                self.done,
-                os.getpid(),
-                threading.current_thread().name,
-                self.rejected,
-                self.done / (now - self.start),
+            # Printed, not logged: a DirectRunner worker process's log records reach the console only through the
+            # runner's relay (one long line each), and Dataflow keeps its workers' stderr in their logs.
+            print(
+                f"{self.split}: {self.done} images on worker {os.getpid()}/{threading.current_thread().name} "
+                f"({self.rejected} rejected), {self.done / (now - self.start):.1f} images/s",
+                file=sys.stderr,
+                flush=True,
             )
 
     @contextlib.contextmanager
