@@ -23,7 +23,7 @@ def test_the_export_on_raw_validation_jpegs_errs_as_evaluate_does_on_their_recor
         ["-m", "tools.export", f"--model_dir={model}", f"--export_dir={export}"],
     ]
     for args in steps:
-        result = run(*args)
+        result = run(*args, timeout=1800)  # Eight epochs of 1,000 images took over 10 min on a slow 2-core machine.
         assert result.returncode == 0, (args, result.stderr[-3000:])
     with open(tmp_path / "records.json") as f:
         records = json.load(f)
