@@ -5,6 +5,7 @@ r"""Trains the paper's AlexNet on TFRecord shards made by pipeline.build_tfrecor
 Writes to --model_dir: TensorBoard logs, checkpoints/ (the latest few, to resume from), best/ (the weights of the
 best validation epoch), flags.txt (the effective flags: --flagfile=RUN/flags.txt repeats the run), config.json
 and eval.json (the final top-1 / top-5 error). The same command continues an interrupted run where it stopped.
+SIGTERM (a preemption notice) saves a checkpoint a step later and exits with status 42.
 """
 
 import dataclasses
@@ -84,6 +85,9 @@ def main(argv):
         result = loop.train(config, flags_text=flags_text)
     except (checks.ConfigError, checks.DataError, FloatingPointError) as e:
         sys.exit(f"train.py: {e}")
+    except loop.Preempted as e:
+        print(f"train.py: {e}", flush=True)
+        sys.exit(loop.PREEMPTED_EXIT_CODE)
     print(
         f"Validation ({result['images']} images, {result['crops']} crops): "
         f"top-1 error {result['top1_error']:.1%}, top-5 error {result['top5_error']:.1%} "

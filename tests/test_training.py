@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import signal
 
 import keras
 import numpy as np
@@ -100,6 +101,28 @@ def test_a_run_stopped_again_and_again_resumes_exactly_where_its_checkpoints_wer
     assert result == reference[1]
     for tag in ("loss", "learning_rate"):  # The stopped legs' points after their checkpoints were dropped.
         assert _steps_logged(os.path.join(config.model_dir, "train"), tag) == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_saves_a_step_later_and_the_same_command_continues_exactly(reference, tmp_path):
+    """A preemption notice: the run saves and stops one step after the signal (it reads the request from a step
+    that has finished), and continues from there to the uninterrupted run's weights."""
+    config = dataclasses.replace(reference[0], model_dir=str(tmp_path))
+    steps = Steps()
+
+    def notice_at_step_4(step):
+        steps(step)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(loop.Preempted) as stopped:
+        loop.train(config, before_step=notice_at_step_4)
+    assert stopped.value.step == 5 and steps.taken == [1, 2, 3, 4, 5]
+    assert checkpoints.resolve(config.model_dir, "latest").endswith("ckpt-5")
+    assert signal.getsignal(signal.SIGTERM) is handler  # Given back: the process is not left deaf to SIGTERM.
+    steps = Steps()
+    assert loop.train(config, before_step=steps) == reference[1]
+    assert steps.taken == [6]
 
 
 def test_a_run_killed_between_its_best_weights_and_its_checkpoint_keeps_the_best_weights(
@@ -274,7 +297,7 @@ def test_each_precision_trains_with_float32_weights_and_loss_scaling_for_float16
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
     before = [w.numpy().copy() for w in model.trainable_weights]
     for i in range(2):
-        metrics = step(iterator, tf.constant(i, tf.int64)).numpy()
+        metrics = step(iterator, tf.constant(i, tf.int64), tf.constant(0.0)).numpy()
     assert np.isfinite(metrics).all() and metrics[3] == 8
     assert all(w.dtype == "float32" for w in model.trainable_weights)
     changed = [not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights, strict=True)]
@@ -296,12 +319,14 @@ def test_from_a_data_service_a_step_some_replica_has_no_batch_for_ends_the_epoch
     data = (rng.integers(0, 256, (12, 72, 72, 3), dtype=np.uint8), rng.integers(0, 4, 12).astype(np.int32))
     dataset = strategy.distribute_datasets_from_function(lambda ctx: tf.data.Dataset.from_tensor_slices(data).batch(4))
     step, iterator = loop.make_service_step(model, optimizer, strategy, config), iter(dataset)
-    assert step(iterator, tf.constant(0, tf.int64)).numpy()[3] == 8
+    assert step(iterator, tf.constant(0, tf.int64), tf.constant(0.0)).numpy()[3] == 8
     trained = [w.numpy().copy() for w in model.trainable_weights]
-    np.testing.assert_array_equal(step(iterator, tf.constant(1, tf.int64)).numpy(), np.zeros(4))
+    np.testing.assert_array_equal(step(iterator, tf.constant(1, tf.int64), tf.constant(1.0)).numpy(), np.zeros(5))
     for before, after in zip(trained, model.trainable_weights, strict=True):
         np.testing.assert_array_equal(before, after.numpy())
-    np.testing.assert_array_equal(step(iterator, tf.constant(2, tf.int64)).numpy(), np.zeros(4))  # And stays ended.
+    np.testing.assert_array_equal(
+        step(iterator, tf.constant(2, tf.int64), tf.constant(0.0)).numpy(), np.zeros(5)
+    )  # Ended.
 
 
 def test_towers_on_two_devices_train_every_weight_where_it_lives():
@@ -310,7 +335,7 @@ def test_towers_on_two_devices_train_every_weight_where_it_lives():
     )
     before = [w.numpy().copy() for w in model.trainable_weights]
     for i in range(2):
-        step(iterator, tf.constant(i, tf.int64))
+        step(iterator, tf.constant(i, tf.int64), tf.constant(0.0))
     changed = [not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights, strict=True)]
     assert all(changed)
     for w, momentum in zip(model.trainable_weights, optimizer.momentums, strict=True):  # Momentum beside weights.

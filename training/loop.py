@@ -12,9 +12,11 @@ order is a function of (seed, epoch) (pipeline/input.py), and a step's random dr
 replica).
 """
 
+import collections
 import hashlib
 import json
 import os
+import signal
 import time
 
 import keras
@@ -34,24 +36,72 @@ def train(config, flags_text=None, before_step=None):
     run = start(config, flags_text)  # Every check before step 1; the checkpoint it continues from.
     if run.finished():
         return run.saved_evaluation()
-    for epoch in range(run.epoch, config.epochs):
-        began, steps = time.monotonic(), run.steps_in_epoch(epoch)
-        batches = iter(run.epoch_dataset(epoch, skip_steps=run.epoch_step))
-        while run.epoch_step < steps:
-            if before_step:
-                before_step(run.step + 1)
-            with run.profiler.step(run.step + 1):
-                metrics = run.take_step(batches, epoch)
-            if metrics is None:  # From a tf.data service, whose epoch ends when its workers run out.
-                steps = run.epoch_step
-                break
-            run.metrics.add(metrics)
-            if run.step % config.log_every_steps == 0 or run.epoch_step == steps:
-                run.log(epoch, steps)
-            if run.epoch_step < steps and run.checkpoint_due():
-                run.save()
-        end_epoch(run, epoch, time.monotonic() - began)
+    with Preemption() as preemption:
+        for epoch in range(run.epoch, config.epochs):
+            began, steps = time.monotonic(), run.steps_in_epoch(epoch)
+            batches = iter(run.epoch_dataset(epoch, skip_steps=run.epoch_step))
+            while run.epoch_step < steps:
+                if run.preempted():  # Every worker agrees on this step: see Preemption.
+                    run.save()
+                    raise Preempted(run.step)
+                if before_step:
+                    before_step(run.step + 1)
+                with run.profiler.step(run.step + 1):
+                    metrics = run.take_step(batches, epoch, preemption.requested)
+                if metrics is None:  # From a tf.data service, whose epoch ends when its workers run out.
+                    break
+                if run.step % config.log_every_steps == 0 or run.epoch_step == steps:
+                    run.log(epoch, steps)
+                if run.epoch_step < steps and run.checkpoint_due():
+                    run.save()
+            end_epoch(run, epoch, time.monotonic() - began)
     return final_evaluation(run)
+
+
+PREEMPTED_EXIT_CODE = 42  # As TensorFlow's PreemptionCheckpointHandler exits: "saved; start me again".
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint and stopped because a worker was told to stop (SIGTERM)."""
+
+    def __init__(self, step):
+        super().__init__(f"stopped by SIGTERM: saved step {step}; the same command continues from there")
+        self.step = step
+
+
+class Preemption:
+    """SIGTERM (what cloud VMs and Kubernetes send before they take a machine away) asks the run to save and stop.
+
+    The request rides in every step's summed metrics, so every worker of a MultiWorkerMirroredStrategy job learns
+    of it at the same step and they all save at that step (a checkpoint needs them all). The loop reads the flag
+    one step late, from a step whose result is already there, so no step waits on the host. TensorFlow's
+    PreemptionCheckpointHandler agrees on the step through the coordination service instead, with threads that
+    watch its key-value store, and saves its own checkpoint; this run's checkpoint also records where the run is.
+    """
+
+    def __init__(self):
+        self.requested, self._previous = 0.0, None
+
+    def __enter__(self):
+        if threading_is_main():
+            self._previous = signal.signal(signal.SIGTERM, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        del signum, frame
+        if not self.requested:
+            print("SIGTERM: saving a checkpoint after the next step, then stopping", flush=True)
+        self.requested = 1.0
+
+    def __exit__(self, *exc):
+        if self._previous is not None:  # The final evaluation is not interrupted: a restart redoes it.
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def threading_is_main():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 class TrainState(tf.Module):
@@ -90,11 +140,11 @@ def forward(model, images, step, seed):
 
 
 def _distributed_step(model, optimizer, strategy, config):
-    """(batch, step) -> the step on every replica: gradients summed over the replicas, the §5 update on each;
-    returns [loss sum, top-1 misses, top-5 misses, images] summed over the replicas."""
+    """(batch, step, stop) -> the step on every replica: gradients summed over the replicas, the §5 update on each;
+    returns [loss sum, top-1 misses, top-5 misses, images, stop requests] summed over the replicas."""
     variables = model.trainable_variables
 
-    def replica_step(images, labels, step):
+    def replica_step(images, labels, step, stop):
         with tf.GradientTape() as tape:
             logits = forward(model, images, step, config.seed)
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
@@ -102,10 +152,10 @@ def _distributed_step(model, optimizer, strategy, config):
             scaled = optimizer.scale_loss(loss)
         optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables, strict=True))
         top1, top5 = (tf.reduce_sum(evaluation.top_k_misses(labels, logits, k)) for k in (1, 5))
-        return tf.stack([tf.reduce_sum(losses), top1, top5, tf.cast(tf.size(labels), tf.float32)])
+        return tf.stack([tf.reduce_sum(losses), top1, top5, tf.cast(tf.size(labels), tf.float32), stop])
 
-    def distributed_step(batch, step):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, (*batch, step)), None)
+    def distributed_step(batch, step, stop):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, (*batch, step, stop)), None)
 
     return distributed_step
 
@@ -115,18 +165,19 @@ def make_train_step(model, optimizer, strategy, config):
     distributed_step = _distributed_step(model, optimizer, strategy, config)
 
     @tf.function
-    def train_step(iterator, step):
-        return distributed_step(next(iterator), step)
+    def train_step(iterator, step, stop):
+        return distributed_step(next(iterator), step, stop)
 
     return train_step
 
 
 def make_service_step(model, optimizer, strategy, config):
     """A compiled step fed by a tf.data service, whose epoch has no planned length: it ends, on every worker at
-    once (zeros returned, nothing run), at the first step some replica has no batch for. The service's workers drop
-    their partial batches, and under several trainers another one's prefetching may hold the last ones. Such a step
-    is not run with the empty replicas TensorFlow would pad it with: the loss is scaled for a whole batch, and
-    oneDNN's convolution gives wrongly shaped results on an empty batch."""
+        once (zeros returned, nothing run), at the first step some replica has no batch for; the loop sees it a step
+    later (Run.take_step), without waiting on every step's result. The service's workers drop
+        their partial batches, and under several trainers another one's prefetching may hold the last ones. Such a step
+        is not run with the empty replicas TensorFlow would pad it with: the loss is scaled for a whole batch, and
+        oneDNN's convolution gives wrongly shaped results on an empty batch."""
     distributed_step = _distributed_step(model, optimizer, strategy, config)
 
     def every_replica_has_images(batch):
@@ -134,14 +185,15 @@ def make_service_step(model, optimizer, strategy, config):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, empty, None) == 0  # Over every worker's replicas.
 
     @tf.function
-    def service_step(iterator, step):
+    def service_step(iterator, step, stop):
         batch = iterator.get_next_as_optional()
 
         def whole_step():
             value = batch.get_value()
-            return tf.cond(every_replica_has_images(value), lambda: distributed_step(value, step), lambda: tf.zeros(4))
+            run = lambda: distributed_step(value, step, stop)  # noqa: E731
+            return tf.cond(every_replica_has_images(value), run, lambda: tf.zeros(5))
 
-        return tf.cond(batch.has_value(), whole_step, lambda: tf.zeros(4))
+        return tf.cond(batch.has_value(), whole_step, lambda: tf.zeros(5))
 
     return service_step
 
@@ -204,7 +256,8 @@ class Run:
         self.service_job = f"alexnet-{hashlib.sha1(config.model_dir.encode()).hexdigest()[:12]}"
         self.profiler = summaries.Profiler(os.path.join(config.model_dir, "train"), config.profile_steps)
         self.step = self.epoch = self.epoch_step = 0
-        self.learning_rate, self.last_save = None, time.monotonic()
+        self.learning_rate, self.drops, self.last_save = None, 0, time.monotonic()
+        self.recent = collections.deque(maxlen=2)  # The last two steps' metrics, still on the device.
 
     def write_settings(self, flags_text):
         """config.json (what check_resume compares), labels.txt (the run names its own classes), flags.txt."""
@@ -220,6 +273,7 @@ class Run:
         self.checkpoints.restore()
         self.step, self.epoch = int(self.state.step.numpy()), int(self.state.epoch.numpy())
         self.epoch_step = int(self.state.epoch_step.numpy())
+        self.drops = int(self.state.drops.numpy())
         if self.chief:
             summaries.truncate_after(self.config.model_dir, self.step)  # Points of a killed run after it.
         self.metrics = summaries.StepMetrics(self.state.epoch_sums.numpy())
@@ -265,25 +319,46 @@ class Run:
         with tf.io.gfile.GFile(self._eval_path) as f:
             return json.load(f)
 
-    def take_step(self, batches, epoch):
+    def take_step(self, batches, epoch, stop=0.0):
         """One step at the schedule's learning rate; its metrics (on the device), or None when the tf.data
-        service's epoch has ended. A corrupt or short shard stops the run, named."""
+        service's epoch has ended. A corrupt or short shard stops the run, named. stop (1.0: this worker was
+        told to stop) travels in the metrics to every worker."""
         self.set_learning_rate()
         try:
-            metrics = self.train_step(batches, tf.constant(self.step, tf.int64))
+            metrics = self.train_step(batches, tf.constant(self.step, tf.int64), tf.constant(stop, tf.float32))
         except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
             # A corrupt record fails the input of the replica that reads it; with several devices another replica
             # may see its input end first (OutOfRangeError): the planned steps never run out otherwise.
             where = f"at step {self.step + 1} (epoch {epoch + 1})"
             raise checks.data_error(self.data.files["train"], "training", e, where) from None
-        if self.config.data_service and metrics.numpy()[3] == 0:
-            return None
         self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
+        self.recent.append(metrics)
+        self.metrics.add(metrics)
+        # The service's epoch has ended when a step ran nothing. The step before this one has its result by now
+        # (reading this one's would wait for it); once one step is empty every later one is.
+        if self.config.data_service and len(self.recent) == 2 and self.recent[0].numpy()[3] == 0:
+            self.drop_empty_steps()
+            return None
         return metrics
+
+    def drop_empty_steps(self):
+        """Forgets the tf.data service's empty steps at the end of the recent ones (they ran nothing); returns
+        whether there were any: the service's epoch is over."""
+        empty = 0
+        while self.recent and self.recent[-1].numpy()[3] == 0:
+            self.recent.pop()
+            empty += 1
+        self.step, self.epoch_step = self.step - empty, self.epoch_step - empty
+        del self.metrics.pending[len(self.metrics.pending) - empty :]
+        return empty > 0
+
+    def preempted(self):
+        """Whether some worker was told to stop by the step before the last (the last may still be running)."""
+        return len(self.recent) == 2 and self.recent[0].numpy()[4] > 0
 
     def set_learning_rate(self):
         """§5's rate for the next step (warm-up, drops), assigned when it changes."""
-        value = recipe.learning_rate(self.config, self.step, int(self.state.drops.numpy()))
+        value = recipe.learning_rate(self.config, self.step, self.drops)
         if value != self.learning_rate:
             self.optimizer.learning_rate.assign(value)
             self.learning_rate = value
@@ -303,6 +378,8 @@ class Run:
 
     def save(self, best=False):
         """A checkpoint of where the run is now (and with best=True, first, the weights as best/)."""
+        if self.config.data_service:
+            self.drop_empty_steps()  # A step that ran nothing is not a step done.
         self.metrics.collect(self.step)  # Every step's loss counted (and checked) before it is saved.
         for name in ("step", "epoch", "epoch_step"):
             getattr(self.state, name).assign(getattr(self, name))
@@ -369,6 +446,8 @@ class Run:
 def end_epoch(run, epoch, seconds):
     """§5's check after each epoch: the validation error, the schedule, the best weights, a checkpoint."""
     state, config = run.state, run.config
+    if config.data_service:
+        run.drop_empty_steps()
     run.metrics.collect(run.step)
     train = summaries.mean_metrics(run.metrics.epoch)
     validation = run.evaluate(crops=1)
@@ -376,6 +455,7 @@ def end_epoch(run, epoch, seconds):
     plateau = before.update(validation["top1_error"], config.lr_patience, config.lr_drops)
     for name in ("best", "wait", "drops"):
         getattr(state, name).assign(getattr(plateau, name))
+    run.drops = plateau.drops
     lr = run.set_learning_rate()
     run.writers.scalars("train", run.step, {f"epoch/{k}": v for k, v in train.items()} | {"epoch/epoch": epoch + 1})
     keys = ("loss", "top1_error", "top5_error")

@@ -158,7 +158,7 @@ class StepMetrics:
 
     def collect(self, step):
         """Mean loss and errors of the pending steps; raises when the loss stopped being a number."""
-        sums = np.sum([m.numpy() for m in self.pending], axis=0) if self.pending else np.zeros(4)
+        sums = np.sum([m.numpy()[:4] for m in self.pending], axis=0) if self.pending else np.zeros(4)
         steps, self.pending = len(self.pending), []
         checks.finite(sums, f"the loss is not a number at step {step}: lower --learning_rate (or add --warmup_steps)")
         self.epoch += sums
