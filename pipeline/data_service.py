@@ -8,37 +8,34 @@ train with --data_service=grpc://HOST:5050. Workers need TensorFlow only: the tr
 input pipeline's graph. Runs until stopped.
 """
 
-import tensorflow as tf
 from absl import app, flags
+
+from pipeline import service
 
 _ROLE = flags.DEFINE_enum("role", None, ["dispatcher", "worker"], "Which server to run.", required=True)
 _PORT = flags.DEFINE_integer("port", 0, "Port to serve on (0: any free one, printed).")
 _DISPATCHER = flags.DEFINE_string("dispatcher", None, "HOST:PORT of the dispatcher (for --role=worker).")
 _WORKER_ADDRESS = flags.DEFINE_string(
-    "worker_address", None, "HOST:%port% the trainers reach this worker at (default: this host's name)."
+    "worker_address",
+    None,
+    "HOST:%port% the trainers reach this worker at (default: this host's address on the route to the dispatcher).",
 )
 _WORK_DIR = flags.DEFINE_string(
     "work_dir", None, "Where the dispatcher journals its state, so a restarted dispatcher resumes its jobs."
 )
 
 
-def start(role, port=0, dispatcher=None, worker_address=None, work_dir=None):
-    """The running server (call .join() to serve until stopped)."""
-    service = tf.data.experimental.service
-    if role == "dispatcher":
-        config = service.DispatcherConfig(port=port, work_dir=work_dir, fault_tolerant_mode=bool(work_dir))
-        return service.DispatchServer(config)
-    if not dispatcher:
-        raise app.UsageError("--role=worker needs --dispatcher=HOST:PORT")
-    config = service.WorkerConfig(dispatcher_address=dispatcher, worker_address=worker_address, port=port)
-    return service.WorkerServer(config)
-
-
 def main(argv):
     del argv
-    server = start(_ROLE.value, _PORT.value, _DISPATCHER.value, _WORKER_ADDRESS.value, _WORK_DIR.value)
-    address = server.target if _ROLE.value == "dispatcher" else f"{server._address}"
-    print(f"tf.data service {_ROLE.value} serving at {address}", flush=True)
+    if _ROLE.value == "worker" and not _DISPATCHER.value:
+        raise app.UsageError("--role=worker needs --dispatcher=HOST:PORT")
+    server = service.start(_ROLE.value, _PORT.value, _DISPATCHER.value, _WORKER_ADDRESS.value, _WORK_DIR.value)
+    if _ROLE.value == "dispatcher":
+        print(f"tf.data service dispatcher serving at {server.target}", flush=True)
+    else:
+        port = server._address.rsplit(":", 1)[1]  # TensorFlow's WorkerServer names only its port.
+        address = server.advertised.replace("%port%", port)
+        print(f"tf.data service worker serving at {address} (registered with {_DISPATCHER.value})", flush=True)
     server.join()  # Until the process is stopped (SIGTERM, Ctrl-C).
 
 

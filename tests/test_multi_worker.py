@@ -4,6 +4,8 @@ import json
 import os
 import re
 
+import pytest
+
 from tests.helpers import free_ports, output, start
 
 
@@ -49,6 +51,7 @@ def test_two_workers_train_the_same_weights_and_the_chief_writes_the_outputs(dem
     assert all(status == 0 and "nothing to do" in printed for status, printed in again)
 
 
+@pytest.mark.slow
 def test_two_workers_fed_by_one_tf_data_service_end_its_epoch_together(demo_data, tmp_path):
     """The trainers share the epoch's job first-come first-served, and the one that starts first buffers up to 4
     steps of it: with the demo's 7 batches of 8 one trainer often runs dry first (seen: after 0, 2 or 3 of the

@@ -4,6 +4,7 @@ what to do: settings, devices, the converted data and a model_dir holding anothe
 import dataclasses
 import json
 import os
+import random
 
 import numpy as np
 import tensorflow as tf
@@ -153,6 +154,42 @@ def check_resume(config, model_dir):
             f"--model_dir={model_dir} holds a run with other settings ({details}): continue it with its own flags "
             f"(--flagfile={os.path.join(model_dir, 'flags.txt')}) or start a new run in another --model_dir"
         )
+
+
+def check_shared_model_dir(model_dir, strategy, worker, workers):
+    """Under several workers, each sees the files the chief writes in model_dir: one folder they share (a bucket,
+    a disk every machine mounts). Each on a disk of its own, a restarted job's workers would resume from different
+    checkpoints (the chief's, and none) and their weights drift apart without a word. The chief leaves a file
+    whose name the others learn through an all-reduce, every worker looks for it, and the answers are summed."""
+    if workers <= 1:
+        return
+    token = random.SystemRandom().getrandbits(40)
+    path = os.path.join(model_dir, f".shared-folder-{token}")
+    if worker == 0:
+        tf.io.gfile.makedirs(model_dir)
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write("every worker of a run must see this file\n")
+    replicas = strategy.num_replicas_in_sync // workers
+    token = int(_sum_over_replicas(strategy, [token if worker == 0 else 0])[0]) // replicas  # The chief's.
+    path = os.path.join(model_dir, f".shared-folder-{token}")
+    blind = np.zeros(workers, np.int64)
+    blind[worker] = not tf.io.gfile.exists(path)
+    blind = np.flatnonzero(_sum_over_replicas(strategy, blind))  # Every worker has looked.
+    if worker == 0:
+        tf.io.gfile.remove(path)
+    if len(blind):
+        raise ConfigError(
+            f"--model_dir={model_dir}: worker(s) {', '.join(map(str, blind))} cannot see the files the chief "
+            "(worker 0) writes there. Give every worker one shared folder (a gs:// bucket, or a disk every machine "
+            "mounts): on each machine's own disk the workers would resume from different checkpoints"
+        )
+
+
+def _sum_over_replicas(strategy, values):
+    """values (int64) summed over every replica of every worker: an all-reduce, and so a barrier."""
+    values = tf.constant(values, tf.int64)
+    reduce = tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.identity(values)), axis=None))
+    return reduce().numpy()
 
 
 def corrupt_shards(paths):

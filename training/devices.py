@@ -34,6 +34,15 @@ def is_chief(strategy):
     return resolver.task_type == "chief" or (not has_chief and resolver.task_id == 0)
 
 
+def worker_index(strategy):
+    """This process's place among the workers (the chief first): 0 outside MultiWorkerMirroredStrategy."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 0
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return 0 if resolver.task_type == "chief" else resolver.task_id + has_chief
+
+
 def local_replicas(strategy):
     """Replicas of this worker: each takes its own batch from this worker's input pipeline."""
     if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 
 import keras
@@ -25,6 +26,7 @@ import tensorflow as tf
 
 from model import classifier
 from pipeline import input as data_input
+from pipeline import service
 from training import checkpoints, checks, devices, evaluation, recipe, summaries
 
 
@@ -99,9 +101,30 @@ class Preemption:
 
 
 def threading_is_main():
-    import threading
-
     return threading.current_thread() is threading.main_thread()
+
+
+class ServiceWatch:
+    """Around a step fed by a tf.data service: when it waits for batches longer than service.STALL_SECONDS, the
+    trainer looks for why (no workers, or workers this host cannot reach) and says so, naming the addresses."""
+
+    def __init__(self, dispatcher):
+        self.timer = threading.Timer(service.STALL_SECONDS, self._report, (dispatcher,)) if dispatcher else None
+
+    @staticmethod
+    def _report(dispatcher):
+        problem = service.diagnose(dispatcher)
+        if problem:
+            print(f"Waiting for batches for {service.STALL_SECONDS} s: {problem}", flush=True)
+
+    def __enter__(self):
+        if self.timer:
+            self.timer.daemon = True
+            self.timer.start()
+
+    def __exit__(self, *exc):
+        if self.timer:
+            self.timer.cancel()
 
 
 class TrainState(tf.Module):
@@ -207,6 +230,8 @@ def start(config, flags_text=None):
     checks.check_batch(config, strategy.num_replicas_in_sync)
     data = checks.load_data(config)
     checks.check_resume(config, config.model_dir)
+    workers = strategy.num_replicas_in_sync // devices.local_replicas(strategy)
+    checks.check_shared_model_dir(config.model_dir, strategy, devices.worker_index(strategy), workers)
     run = Run(config, strategy, data)
     if run.chief:
         tf.io.gfile.makedirs(config.model_dir)
@@ -238,14 +263,13 @@ class Run:
             self.optimizer = make_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)
         self.state = TrainState()
-        task = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0)
         self.checkpoints = checkpoints.RunCheckpoints(
             config.model_dir,
             config.keep_checkpoints,
             model=self.model,
             optimizer=self.optimizer,
             state=self.state,
-            worker=None if self.chief else task,
+            worker=None if self.chief else devices.worker_index(strategy),
         )
         self.writers = summaries.Writers(config.model_dir, enabled=self.chief)
         make_step = make_service_step if config.data_service else make_train_step
@@ -325,7 +349,8 @@ class Run:
         told to stop) travels in the metrics to every worker."""
         self.set_learning_rate()
         try:
-            metrics = self.train_step(batches, tf.constant(self.step, tf.int64), tf.constant(stop, tf.float32))
+            with ServiceWatch(self.config.data_service):
+                metrics = self.train_step(batches, tf.constant(self.step, tf.int64), tf.constant(stop, tf.float32))
         except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
             # A corrupt record fails the input of the replica that reads it; with several devices another replica
             # may see its input end first (OutOfRangeError): the planned steps never run out otherwise.
@@ -457,7 +482,17 @@ def end_epoch(run, epoch, seconds):
         getattr(state, name).assign(getattr(plateau, name))
     run.drops = plateau.drops
     lr = run.set_learning_rate()
-    run.writers.scalars("train", run.step, {f"epoch/{k}": v for k, v in train.items()} | {"epoch/epoch": epoch + 1})
+    scalars = {f"epoch/{k}": v for k, v in train.items()} | {"epoch/epoch": epoch + 1}
+    if config.data_service:  # Dynamic sharding delivers each image at most once: what it did not is counted.
+        planned, trained = int(run.data.sizes["train"].sum()), int(run.metrics.epoch[3])
+        scalars["epoch/images_missed"] = planned - trained
+        if run.chief:
+            print(
+                f"epoch {epoch + 1}: the tf.data service delivered {trained} of the {planned} training images; "
+                f"{planned - trained} missed (each service worker's last partial batch, and what a lost worker held)",
+                flush=True,
+            )
+    run.writers.scalars("train", run.step, scalars)
     keys = ("loss", "top1_error", "top5_error")
     run.writers.scalars("validation", run.step, {f"epoch/{k}": validation[k] for k in keys})
     if run.chief:

@@ -1,0 +1,210 @@
+"""Two hosts (network namespaces, tests/hosts.py) running README's commands: the tf.data service with its servers
+on one host and the trainer on the other; MultiWorkerMirroredStrategy with a worker on each. Lost workers,
+a restarted dispatcher and preemption notices (SIGTERM) at moments the test picks while the run goes on."""
+
+import json
+import re
+import signal
+
+import pytest
+
+from tests import hosts
+from tests.helpers import output, run_conversion
+
+pytestmark = pytest.mark.slow
+
+TRAIN = [
+    "train.py",
+    "--image_size=64",
+    "--crop_size=64",
+    "--learning_rate=0.005",
+    "--weight_std=0.02",
+    "--eval_crops=1",
+    "--log_every_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    with hosts.two_hosts() as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def groups_data(demo_raw, tmp_path_factory):
+    """The tiny demo set in 24 training shards: 3 shard groups, so the service deals an epoch out in 3 splits."""
+    return run_conversion(demo_raw, str(tmp_path_factory.mktemp("groups")), train_shards=24)
+
+
+def _digest(printed):
+    return re.search(r"weights sha256 ([0-9a-f]{16})", printed)[1]
+
+
+def _stop(*processes):
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_service_servers_on_one_host_feed_a_trainer_on_another_through_a_lost_worker_and_dispatcher(
+    two_hosts, groups_data, tmp_path
+):
+    """README's commands, no --worker_address: the workers advertise the address the trainer's host reaches.
+    A worker killed mid-epoch: the trainer says what it waits for, naming the worker, until the worker is started
+    again at its address (TensorFlow keeps a lost worker's task); the epoch then completes and the images it
+    missed are printed. The dispatcher killed mid-epoch and started again on its journal: training goes on."""
+    servers, trainer_host = two_hosts
+    at = servers.address
+    dispatcher_command = ["-m", "pipeline.data_service", "--role=dispatcher", "--port=5050"]
+    dispatcher_command.append(f"--work_dir={tmp_path / 'journal'}")
+    worker_commands = [
+        ["-m", "pipeline.data_service", "--role=worker", f"--dispatcher={at}:5050", f"--port={port}"]
+        for port in (5051, 5052)
+    ]
+    dispatcher = servers.start(*dispatcher_command)
+    hosts.wait_for(dispatcher, "dispatcher serving at", 120)
+    workers = [servers.start(*command) for command in worker_commands]
+    for worker, port in zip(workers, (5051, 5052), strict=True):
+        hosts.wait_for(worker, rf"worker serving at {re.escape(at)}:{port} ", 120)
+    trainer = trainer_host.start(
+        *TRAIN,
+        f"--data_dir={groups_data}",
+        f"--model_dir={tmp_path / 'run'}",
+        "--epochs=2",
+        "--batch_size=4",
+        "--mirrored_devices=/cpu:0",
+        f"--data_service=grpc://{at}:5050",
+    )
+    try:
+        hosts.wait_for(trainer, r"step 3/\d+ +epoch 1/2", 300)
+        workers[0].kill()  # Mid-epoch: each worker holds one of the epoch's three splits.
+        workers[0].wait()
+        waiting = hosts.wait_for(trainer, r"Waiting for batches for \d+ s: cannot reach tf.data service worker", 180)
+        assert f"{at}:5051" in hosts.printed(trainer)[waiting.start() :].splitlines()[0]
+        workers[0] = servers.start(*worker_commands[0])  # As a supervisor would: the same command.
+        delivered = hosts.wait_for(trainer, r"epoch 1: the tf.data service delivered (\d+) of the 63", 180)
+        assert int(delivered[1]) < 63  # What the lost worker held is missed, and said.
+        hosts.wait_for(trainer, r"step \d+/\d+ +epoch 2/2", 180)
+        dispatcher.kill()
+        dispatcher.wait()
+        dispatcher = servers.start(*dispatcher_command)  # Its journal in --work_dir: the jobs go on.
+        status, printed = output(trainer, timeout=600)
+    finally:
+        _stop(trainer, dispatcher, *workers)
+    assert status == 0, printed[-3000:]
+    assert "epoch 2/2: train loss" in printed and "weights sha256" in printed
+
+
+def test_a_trainer_that_cannot_reach_the_service_workers_says_so_within_a_minute(two_hosts, demo_data, tmp_path):
+    """A worker that registered as localhost (TensorFlow's default address): the trainer on another host reaches
+    the dispatcher, not the worker, and names the address it tried instead of waiting in silence."""
+    servers, trainer_host = two_hosts
+    dispatcher = servers.start("-m", "pipeline.data_service", "--role=dispatcher", "--port=5060")
+    worker = servers.start(
+        "-m",
+        "pipeline.data_service",
+        "--role=worker",
+        "--dispatcher=localhost:5060",
+        "--port=5061",
+        "--worker_address=localhost:%port%",
+    )
+    trainer = None
+    try:
+        hosts.wait_for(worker, "worker serving at localhost:5061", 120)
+        trainer = trainer_host.start(
+            *TRAIN,
+            f"--data_dir={demo_data}",
+            f"--model_dir={tmp_path}",
+            "--epochs=1",
+            "--batch_size=8",
+            "--mirrored_devices=/cpu:0",
+            f"--data_service=grpc://{servers.address}:5060",
+        )
+        started = hosts.wait_for(trainer, "Training images from the tf.data service", 300)
+        del started
+        hosts.wait_for(trainer, r"cannot reach tf.data service worker\(s\) localhost:5061 from this host", 120)
+    finally:
+        _stop(*(p for p in (trainer, worker, dispatcher) if p))
+
+
+def _cluster(pair):
+    return {"worker": [f"{host.address}:2222" for host in pair]}
+
+
+def _start_workers(pair, cluster, args, model_dirs):
+    return [
+        host.start(
+            *TRAIN,
+            *args,
+            f"--model_dir={model_dir}",
+            env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
+        )
+        for i, (host, model_dir) in enumerate(zip(pair, model_dirs, strict=True))
+    ]
+
+
+@pytest.fixture(scope="module")
+def multi_worker(two_hosts, demo_data, tmp_path_factory):
+    """(flags, digest of an uninterrupted two-host run): 2 epochs of 7 steps of 8 images, a replica per host."""
+    args = [f"--data_dir={demo_data}", "--strategy=multi_worker", "--epochs=2", "--batch_size=8"]
+    args.append("--checkpoint_every_steps=3")
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    results = [output(p, timeout=900) for p in _start_workers(two_hosts, _cluster(two_hosts), args, [folder] * 2)]
+    for status, printed in results:
+        assert status == 0, printed[-3000:]
+    assert _digest(results[0][1]) == _digest(results[1][1])
+    assert "Training on 2 replica(s) (CollectiveAllReduceStrategy, 2 worker(s))" in results[0][1]
+    return args, _digest(results[0][1])
+
+
+def test_a_worker_killed_mid_epoch_and_the_job_started_again_ends_as_if_never_stopped(
+    two_hosts, multi_worker, tmp_path
+):
+    args, uninterrupted = multi_worker
+    workers = _start_workers(two_hosts, _cluster(two_hosts), args, [tmp_path] * 2)
+    try:
+        hosts.wait_for(workers[0], r"step 5/14", 600)
+        workers[1].kill()
+        status, printed = output(workers[0], timeout=300)  # The other fails at its next collective.
+        assert status != 0, printed[-3000:]
+    finally:
+        _stop(*workers)
+    again = [output(p, timeout=900) for p in _start_workers(two_hosts, _cluster(two_hosts), args, [tmp_path] * 2)]
+    for status, printed in again:
+        assert status == 0, printed[-3000:]
+        assert _digest(printed) == uninterrupted
+    assert re.search(r"Resuming .* at step [3-9]", again[0][1])
+
+
+def test_sigterm_to_one_worker_saves_every_worker_at_one_step_and_the_job_resumes_exactly(
+    two_hosts, multi_worker, tmp_path
+):
+    args, uninterrupted = multi_worker
+    workers = _start_workers(two_hosts, _cluster(two_hosts), args, [tmp_path] * 2)
+    try:
+        hosts.wait_for(workers[0], r"step 4/14", 600)
+        workers[1].send_signal(signal.SIGTERM)  # A preemption notice to the host that is not the chief.
+        results = [output(p, timeout=300) for p in workers]
+    finally:
+        _stop(*workers)
+    steps = []
+    for status, printed in results:
+        assert status == 42, printed[-3000:]  # "Preempted": saved, start me again.
+        steps.append(re.search(r"stopped by SIGTERM: saved step (\d+)", printed)[1])
+    assert steps[0] == steps[1]
+    again = [output(p, timeout=900) for p in _start_workers(two_hosts, _cluster(two_hosts), args, [tmp_path] * 2)]
+    for status, printed in again:
+        assert status == 0, printed[-3000:]
+        assert _digest(printed) == uninterrupted
+    assert f"at step {steps[0]}:" in again[0][1]
+
+
+def test_workers_given_folders_of_their_own_are_refused_before_step_1(two_hosts, demo_data, tmp_path):
+    args = [f"--data_dir={demo_data}", "--strategy=multi_worker", "--epochs=1", "--batch_size=8"]
+    folders = [tmp_path / "host_a", tmp_path / "host_b"]  # Each host's own disk.
+    results = [output(p, timeout=600) for p in _start_workers(two_hosts, _cluster(two_hosts), args, folders)]
+    for status, printed in results:
+        assert status == 1, printed[-3000:]
+        assert "worker(s) 1 cannot see the files the chief (worker 0) writes there" in printed
+        assert "one shared folder" in printed and "step 1/" not in printed
