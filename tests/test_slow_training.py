@@ -3,6 +3,7 @@
 
 import json
 import os
+import random
 import re
 import signal
 import time
@@ -29,8 +30,7 @@ FLAGS = [
 def _wait_for(process, pattern, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        process.log.seek(0)
-        match = re.findall(pattern, process.log.read())
+        match = re.findall(pattern, os.pread(process.log.fileno(), 1 << 24, 0).decode())  # Not moving its offset.
         if match:
             return match
         assert process.poll() is None, "train.py ended before the kill"
@@ -56,6 +56,36 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_with_the_same_w
     assert digest.search(resumed.stdout).group(1) == digest.search(reference.stdout).group(1)
     with open(tmp_path / "killed" / "eval.json") as f, open(tmp_path / "reference" / "eval.json") as g:
         assert json.load(f) == json.load(g)
+
+
+def test_a_run_killed_again_and_again_at_random_moments_ends_with_the_uninterrupted_weights(demo_data, tmp_path):
+    """README's promise, "a run killed at any moment continues exactly where it was": kill -9 at random moments
+    (a checkpoint every step, so some kills land inside a save), then SIGTERM (exit 42, saved), each time the same
+    command again; the run ends with the uninterrupted run's weights."""
+    reference = run("train.py", *FLAGS, f"--data_dir={demo_data}", f"--model_dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    args = ["train.py", *FLAGS, "--checkpoint_every_steps=1", f"--data_dir={demo_data}", f"--model_dir={tmp_path}/run"]
+    seed = time.time_ns()
+    rng, kills = random.Random(seed), []
+    for _ in range(6):
+        process = start(*args)
+        _wait_for(process, r"step \d+/12 ")  # Training, not starting up.
+        time.sleep(rng.uniform(0, 2))
+        if process.poll() is not None:
+            break
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        kills.append(re.findall(r"^step (\d+)/12", os.pread(process.log.fileno(), 1 << 24, 0).decode(), re.M)[-1])
+    process = start(*args)
+    _wait_for(process, r"step \d+/12 ")
+    process.send_signal(signal.SIGTERM)
+    status, printed = output(process)
+    if status != 0:  # Not finished before the notice: saved and stopped, with "preempted".
+        assert status == 42 and re.search(r"stopped by SIGTERM: saved step \d+", printed), (status, printed[-3000:])
+    resumed = run(*args)
+    assert resumed.returncode == 0, (seed, kills, resumed.stderr[-3000:])
+    digest = re.compile(r"weights sha256 ([0-9a-f]{16})")
+    assert digest.search(resumed.stdout)[1] == digest.search(reference.stdout)[1], (seed, kills)
 
 
 def test_tensorboard_serves_the_runs_curves_images_and_histograms(demo_data, tmp_path):
