@@ -27,6 +27,12 @@ _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", D.weight_decay, "Weight decay
 _LR_DROPS = flags.DEFINE_integer("lr_drops", D.lr_drops, "How many times the learning rate is divided by 10 (§5).")
 _LR_PATIENCE = flags.DEFINE_integer("lr_patience", D.lr_patience, "Epochs without a better validation error per drop.")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", D.warmup_steps, "Linear learning-rate warm-up; 0 in the paper.")
+_LR_SCALING = flags.DEFINE_enum(
+    "lr_scaling",
+    D.lr_scaling,
+    recipe.LR_SCALINGS,
+    "linear: --learning_rate x batch_size / 128, for large batches (with a warm-up; README); none: the paper's.",
+)
 _WEIGHT_STD = flags.DEFINE_float("weight_std", D.weight_std, "Std of the N(0, std) weight init (§5).")
 _DROPOUT = flags.DEFINE_float("dropout", D.dropout, "Dropout rate on fc6 and fc7 outputs (§4.2).")
 _IMAGE_SIZE = flags.DEFINE_enum("image_size", str(D.image_size), ["256", "128", "64"], "Decode size of the records.")
@@ -41,6 +47,16 @@ _STRATEGY = flags.DEFINE_enum(
     recipe.STRATEGIES,
     "mirrored: a replica per device of this machine; towers: the paper's two towers on --tower_devices (§3.2); "
     "multi_worker: replicas on every machine TF_CONFIG lists.",
+)
+_TRAIN_ON_CPU = flags.DEFINE_bool(
+    "train_on_cpu", D.train_on_cpu, "Train on the CPU when no GPU is visible (mirrored, multi_worker); else refused."
+)
+_ALL_REDUCE = flags.DEFINE_enum(
+    "all_reduce",
+    D.all_reduce,
+    recipe.ALL_REDUCES,
+    "The gradients' all-reduce. auto: NCCL over GPUs; mirrored: nccl, hierarchical_copy, one_device; "
+    "multi_worker: nccl, ring.",
 )
 _MIRRORED_DEVICES = flags.DEFINE_list("mirrored_devices", [], "Replicas of --strategy=mirrored; default every GPU.")
 _TOWER_DEVICES = flags.DEFINE_list("tower_devices", [], "The two devices of --strategy=towers, e.g. /gpu:0,/gpu:1.")

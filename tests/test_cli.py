@@ -40,7 +40,7 @@ def test_build_tfrecords_bad_flags_are_clear_errors(args, message):
 
 
 def test_train_without_data_names_the_flag_and_the_fix(tmp_path):
-    result = _run("train.py", f"--data_dir={tmp_path}", f"--model_dir={tmp_path / 'm'}", "--epochs=1")
+    result = _run("train.py", f"--data_dir={tmp_path}", f"--model_dir={tmp_path / 'm'}", "--epochs=1", "--train_on_cpu")
     assert result.returncode != 0 and "pipeline.build_tfrecords" in result.stderr
 
 

@@ -20,6 +20,7 @@ TRAIN = [
     "--learning_rate=0.005",
     "--weight_std=0.02",
     "--eval_crops=1",
+    "--train_on_cpu",
     "--log_every_steps=1",
 ]
 
@@ -154,7 +155,7 @@ def multi_worker(two_hosts, demo_data, tmp_path_factory):
     for status, printed in results:
         assert status == 0, printed[-3000:]
     assert _digest(results[0][1]) == _digest(results[1][1])
-    assert "Training on 2 replica(s) (CollectiveAllReduceStrategy, 2 worker(s))" in results[0][1]
+    assert "Training on 1 x CPU per worker: 2 replica(s) (CollectiveAllReduceStrategy, 2 worker(s))" in results[0][1]
     return args, _digest(results[0][1])
 
 

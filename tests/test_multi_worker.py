@@ -23,6 +23,7 @@ def _workers(demo_data, model_dir, ports, *extra):
         "--learning_rate=0.005",
         "--weight_std=0.02",
         "--eval_crops=1",
+        "--train_on_cpu",
         "--log_every_steps=1",
         *extra,
     ]
@@ -40,7 +41,10 @@ def test_two_workers_train_the_same_weights_and_the_chief_writes_the_outputs(dem
     digests = [re.search(r"weights sha256 ([0-9a-f]{16})", printed).group(1) for _, printed in results]
     assert digests[0] == digests[1]  # Every replica applied the same summed gradients.
     chief, other = results[0][1], results[1][1]
-    assert "Training on 2 replica(s) (CollectiveAllReduceStrategy, 2 worker(s)): batch 16 = 2 x 8" in chief
+    assert (
+        "Training on 1 x CPU per worker: 2 replica(s) (CollectiveAllReduceStrategy, 2 worker(s)): batch 16 = 2 x 8"
+        in chief
+    )
     assert re.search(r"step 3/3 +epoch 1/1", chief) and "step 3/3" not in other  # Only the chief reports.
     outputs = set(os.listdir(tmp_path))
     assert {"checkpoints", "best", "eval.json", "config.json", "flags.txt", "train", "validation", "eval"} <= outputs

@@ -97,3 +97,10 @@ def test_learning_rate_is_the_papers_after_the_warm_up_and_each_drop():
     )
     assert recipe.learning_rate(config, 100, 2) == pytest.approx(0.0001)
     assert recipe.learning_rate(recipe.Config(), 0, 0) == 0.01  # No warm-up in the paper.
+
+
+def test_linear_scaling_multiplies_the_rate_by_the_batch_over_the_papers_and_warms_up_to_it():
+    config = recipe.Config(batch_size=1024, lr_scaling="linear", warmup_steps=3)  # 8 x 128: 8 GPUs at 128 each.
+    assert [recipe.learning_rate(config, s, 0) for s in range(5)] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.08])
+    assert recipe.learning_rate(config, 100, 1) == pytest.approx(0.008)  # §5's drops apply to the scaled rate.
+    assert recipe.learning_rate(recipe.Config(batch_size=1024), 0, 0) == 0.01  # The paper's rate unless asked.

@@ -54,6 +54,15 @@ def check_config(config):
         raise ConfigError(f"--crop_size={config.crop_size}: the network needs at least 64 (pool5 would be empty)")
     if config.strategy not in recipe.STRATEGIES or config.precision not in recipe.PRECISIONS:
         raise ConfigError(f"--strategy must be one of {recipe.STRATEGIES}, --precision one of {recipe.PRECISIONS}")
+    if config.all_reduce not in recipe.ALL_REDUCES or config.lr_scaling not in recipe.LR_SCALINGS:
+        raise ConfigError(f"--all_reduce must be one of {recipe.ALL_REDUCES}, --lr_scaling one of {recipe.LR_SCALINGS}")
+    across_workers = {"auto", "nccl", "ring"} if config.strategy == "multi_worker" else {"auto"}
+    within = {"auto", "nccl", "hierarchical_copy", "one_device"} if config.strategy == "mirrored" else {"auto"}
+    if config.all_reduce not in across_workers | within:
+        raise ConfigError(
+            f"--all_reduce={config.all_reduce} is not for --strategy={config.strategy}: mirrored takes nccl, "
+            "hierarchical_copy or one_device; multi_worker nccl or ring; towers none (it has no replicas)"
+        )
     if config.eval_crops not in (1, 10):
         raise ConfigError(f"--eval_crops={config.eval_crops}: 1 (centre) or 10 (§4.1's patches)")
     if config.tower_devices and config.strategy != "towers":
@@ -77,6 +86,22 @@ def check_devices(config):
         name = f"/device:{(spec.device_type or '').upper()}:{spec.device_index or 0}"
         if not any(k.endswith(name) for k in known):
             raise ConfigError(f"device {device} does not exist here (there are {', '.join(sorted(known))})")
+
+
+def check_accelerators(config, devices):
+    """Replicas on GPUs unless asked otherwise: with none in sight, --strategy=mirrored or multi_worker would
+    quietly build its replicas on the CPU and a 90-epoch run would start there, ~1,000x slower."""
+    kinds = {tf.DeviceSpec.from_string(d).device_type for d in devices}
+    if config.strategy == "towers" or config.mirrored_devices or config.train_on_cpu or "GPU" in kinds:
+        if config.all_reduce in ("nccl", "hierarchical_copy") and "GPU" not in kinds:
+            raise ConfigError(f"--all_reduce={config.all_reduce} needs GPUs: the replicas here are {sorted(kinds)}")
+        return
+    raise ConfigError(
+        f"--strategy={config.strategy} trains on GPUs, and TensorFlow sees none here (built with CUDA: "
+        f"{tf.test.is_built_with_cuda()}). On a GPU host install the GPU build, `pip install -e '.[gpu]'` "
+        "(TensorFlow with CUDA's libraries), and check that `nvidia-smi` lists the GPUs; "
+        "`python -m tools.check` shows what TensorFlow sees. To train on the CPU, give --train_on_cpu"
+    )
 
 
 def check_batch(config, replicas):

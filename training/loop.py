@@ -227,6 +227,8 @@ def start(config, flags_text=None):
     checks.check_config(config)
     strategy = devices.make_strategy(config)
     checks.check_devices(config)
+    if config.strategy != "towers":
+        checks.check_accelerators(config, strategy.extended.worker_devices)
     checks.check_batch(config, strategy.num_replicas_in_sync)
     data = checks.load_data(config)
     checks.check_resume(config, config.model_dir)
@@ -319,7 +321,8 @@ class Run:
     def _say_what_runs(self, epoch_steps):
         config, replicas = self.config, self.strategy.num_replicas_in_sync
         print(
-            f"Training on {replicas} replica(s) ({type(self.strategy).__name__}, {self.pipelines} worker(s)): batch "
+            f"Training on {devices.describe(self.strategy, config)}: {replicas} replica(s) "
+            f"({type(self.strategy).__name__}, {self.pipelines} worker(s)): batch "
             f"{config.batch_size} = {replicas} x {config.batch_size // replicas}, {epoch_steps} steps an epoch, "
             f"{config.epochs} epochs",
             flush=True,

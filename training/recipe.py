@@ -8,6 +8,10 @@ import tensorflow as tf
 
 STRATEGIES = ("mirrored", "towers", "multi_worker")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+# auto: NCCL over GPUs; over CPU devices TensorFlow's own choice (one device's sum; a ring across workers).
+ALL_REDUCES = ("auto", "nccl", "hierarchical_copy", "one_device", "ring")
+LR_SCALINGS = ("none", "linear")
+PAPER_BATCH = 128  # §5: the batch its learning rate was set for.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +30,10 @@ class Config:
     weight_decay: float = 0.0005
     lr_drops: int = 3
     lr_patience: int = 5  # §5 does not say how long "stopped improving" is: epochs without a new best.
-    warmup_steps: int = 0  # Not in the paper: a short run with few classes needs it (README).
+    warmup_steps: int = 0  # Not in the paper: a short run with few classes, or a large batch, needs it (README).
+    # Not in the paper: "linear" multiplies learning_rate by batch_size / 128 (Goyal et al. 2017), for the large
+    # batches that keep many GPUs busy; with a warm-up of a few epochs.
+    lr_scaling: str = "none"
     weight_std: float = 0.01
     dropout: float = 0.5  # §4.2, on fc6 and fc7.
     # §4.1: random 224 crops of the 256 images, mirrored at random, PCA lighting; tested on ten patches.
@@ -38,6 +45,8 @@ class Config:
     precision: str = "float32"
     seed: int = 0
     strategy: str = "mirrored"
+    train_on_cpu: bool = False  # mirrored / multi_worker with no GPU in sight: refused unless this says so.
+    all_reduce: str = "auto"
     mirrored_devices: tuple[str, ...] = ()
     tower_devices: tuple[str, ...] = ()
     deterministic: bool = True
@@ -55,6 +64,8 @@ class Config:
         "epochs",
         "mirrored_devices",
         "tower_devices",
+        "train_on_cpu",
+        "all_reduce",
         "data_service",
         "log_every_steps",
         "checkpoint_every_steps",
@@ -68,9 +79,11 @@ class Config:
 
 
 def learning_rate(config, step, drops):
-    """§5's rate after `drops` divisions by 10, ramped up linearly over the first warmup_steps steps."""
+    """§5's rate after `drops` divisions by 10 (scaled with the batch under lr_scaling="linear"), ramped up
+    linearly over the first warmup_steps steps."""
     warmup = min(1.0, (step + 1) / (config.warmup_steps + 1)) if config.warmup_steps else 1.0
-    return config.learning_rate * 0.1**drops * warmup
+    scale = config.batch_size / PAPER_BATCH if config.lr_scaling == "linear" else 1.0
+    return config.learning_rate * scale * 0.1**drops * warmup
 
 
 @dataclasses.dataclass(frozen=True)
