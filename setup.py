@@ -22,6 +22,9 @@ setuptools.setup(
         # its workers: training never imports them. Beam's gcp extra reads and writes gs:// and runs on Dataflow;
         # build packages --setup_file for Dataflow's workers (Beam falls back to `setup.py sdist` without it).
         "beam": ["apache-beam[gcp]==2.77.*", "tensorflow-datasets==4.9.10", "build"],
+        # GPU hosts: TensorFlow's CUDA libraries (cuDNN, cuBLAS, NCCL, ...) from PyPI, so that no system CUDA is
+        # needed; without them TensorFlow sees no GPU (train.py then refuses --strategy=mirrored: README).
+        "gpu": ["tensorflow[and-cuda]==2.21.*"],
         # dask: the slow test that runs the conversion on a dask.distributed cluster (Beam's DaskRunner);
         # gcp-storage-emulator: a GCS API on loopback for the gs:// tests.
         "test": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "dask[distributed]>=2024.4.2", "gcp-storage-emulator"],

@@ -1,4 +1,5 @@
-"""Using a trained run as users do: python -m tools.evaluate, tools.export, tools.predict, tools.neighbours."""
+"""Using a trained run as users do: python -m tools.evaluate, tools.export, tools.predict, tools.neighbours; and
+python -m tools.check before a run."""
 
 import glob
 import json
@@ -194,3 +195,29 @@ def test_neighbours_writes_figure_4_as_png_and_to_tensorboard(trained_run, demo_
         assert re.fullmatch(rf"{re.escape(query)}: (({names}) \(\d+\.\d\)(, )?){{3}}", line), line
     assert "among 63 training images" in result.stdout
     assert tf.io.gfile.glob(os.path.join(config.model_dir, "neighbours", "events.out.tfevents.*"))
+
+
+def test_check_names_the_devices_times_each_part_and_projects_the_run(demo_data, tmp_path):
+    """`python -m tools.check` with train.py's flags, on 2 logical CPU devices: every part runs on each device,
+    and the projected epoch is the training images over the slower of the step and the reader."""
+    flags = ["--image_size=64", "--crop_size=64", "--batch_size=16", "--cpu_devices=2", "--train_on_cpu", "--epochs=2"]
+    result = run(
+        "-m", "tools.check", f"--data_dir={demo_data}", f"--model_dir={tmp_path / 'run'}", *flags, "--check_steps=2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "Devices: 2 x CPU (logical devices of one CPU) (MirroredStrategy)" in out and "PROBLEM" not in out
+    for device in ("CPU:0", "CPU:1"):
+        line = re.search(
+            rf"device:{device}: LRN (\S+) from §3.3's formula, update (\S+) from .*, compiled step runs", out
+        )
+        assert float(line[1]) < 1e-4 and float(line[2]) < 1e-6
+    assert re.search(r"All-reduce of \d+\.\dM gradients \(\d+ MB float32\) over 2 replicas: \d+ ms", out)
+    step = float(re.search(r"Training step: ([\d.]+) images/s", out)[1])
+    reader = float(re.search(r"Reader: (\d+) images/s on this host", out)[1])
+    bottleneck = re.search(
+        r"Bottleneck: (the training step|the reader), ([\d.]+) images/s. An epoch \(63 images\)", out
+    )
+    assert bottleneck[1] == ("the reader" if reader < step else "the training step")
+    assert float(bottleneck[2]) == pytest.approx(min(step, reader), rel=0.01)
+    assert not (tmp_path / "run").exists()  # It writes nothing.
