@@ -40,6 +40,9 @@ _CROP_SIZE = flags.DEFINE_integer("crop_size", D.crop_size, "Training crop (§4.
 _LIGHTING_STD = flags.DEFINE_float("lighting_std", D.lighting_std, "Std of the PCA lighting alphas (§4.1); 0: off.")
 _EVAL_CROPS = flags.DEFINE_enum("eval_crops", str(D.eval_crops), ["1", "10"], "Final evaluation: centre or ten (§4.1).")
 _PRECISION = flags.DEFINE_enum("precision", D.precision, recipe.PRECISIONS, "Keras dtype policy of the network.")
+_JIT_COMPILE = flags.DEFINE_bool(
+    "jit_compile", D.jit_compile, "Each replica's forward and backward pass as one XLA computation (README)."
+)
 _SEED = flags.DEFINE_integer("seed", D.seed, "Seed of the init, the data order and every random draw.")
 _STRATEGY = flags.DEFINE_enum(
     "strategy",

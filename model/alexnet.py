@@ -10,7 +10,7 @@ update rule (training/recipe.py).
 import keras
 import tensorflow as tf
 
-from model import placement
+from model import draws, placement
 from model.lrn import LocalResponseNorm
 
 WEIGHT_STD = 0.01  # §5: weights from N(0, 0.01).
@@ -38,8 +38,8 @@ class Dropout(keras.layers.Layer):
             return x
         if seed is None:  # Outside the training loop: a fresh draw.
             seed = tf.random.uniform([2], maxval=tf.int32.max, dtype=tf.int32)
-        seed = tf.random.experimental.stateless_fold_in(seed, self.salt)  # Each layer its own mask.
-        return tf.nn.experimental.stateless_dropout(x, self.rate, seed)
+        seed = draws.fold_in(seed, self.salt)  # Each layer its own mask.
+        return draws.dropout(x, self.rate, seed)
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "salt": self.salt}

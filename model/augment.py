@@ -10,6 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from model import draws
+
 CROP_SIZE = 224
 LIGHTING_STD = 0.1  # §4.1: alpha_i ~ N(0, 0.1).
 
@@ -18,7 +20,7 @@ def split_seed(seed, n):
     """n independent stateless seeds from one; from a fresh random draw when seed is None."""
     if seed is None:
         seed = tf.random.uniform([2], maxval=tf.int32.max, dtype=tf.int32)
-    return tf.unstack(tf.random.experimental.stateless_split(seed, n))
+    return draws.split(seed, n)
 
 
 def crop_and_flip(images, top, left, flip, size):
@@ -33,9 +35,9 @@ def random_crop_and_flip(images, size, seed):
     """§4.1: a random size x size patch (all S - size + 1 offsets per axis) and its mirror image at random."""
     batch, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
     top_seed, left_seed, flip_seed = split_seed(seed, 3)
-    top = tf.random.stateless_uniform([batch], top_seed, 0, height - size + 1, dtype=tf.int32)
-    left = tf.random.stateless_uniform([batch], left_seed, 0, width - size + 1, dtype=tf.int32)
-    flip = tf.random.stateless_uniform([batch], flip_seed) < 0.5
+    top = draws.integers([batch], top_seed, height - size + 1)
+    left = draws.integers([batch], left_seed, width - size + 1)
+    flip = draws.uniform([batch], flip_seed) < 0.5
     return crop_and_flip(images, top, left, flip, size)
 
 
@@ -55,7 +57,7 @@ def lighting_offsets(batch, eigenvalues, eigenvectors, std, seed):
     standard deviation along each principal component. (The eigenvalue itself, a variance, is in squared pixel
     units: it cannot be added to pixels.)
     """
-    alphas = tf.random.stateless_normal([batch, 3], seed, stddev=std)
+    alphas = draws.normal([batch, 3], seed, stddev=std)
     return tf.linalg.matvec(eigenvectors, alphas * tf.sqrt(tf.maximum(eigenvalues, 0.0)))
 
 

@@ -113,11 +113,13 @@ def test_replicas_augment_on_their_own_devices_from_uint8():
 
     step = tf.function(lambda images, seed: strategy.run(replica, args=(images, seed)))
     graph = step.get_concrete_function(tf.TensorSpec((4, 16, 16, 3), tf.uint8), tf.TensorSpec([2], tf.int32)).graph
-    ops = [op for op in graph.get_operations() if op.type in ("GatherV2", "StatelessRandomNormalV2", "Cast")]
+    ops = [op for op in graph.get_operations() if op.type in ("GatherV2", "StatelessRandomUniformIntV2", "Cast")]
     devices = {op.device.split("/device:")[-1] for op in ops}
     assert devices == {"CPU:0", "CPU:1"}  # Both replicas, each op on its replica's device.
     for device in devices:  # Each replica turns its own uint8 images to float32.
-        casts = [op for op in ops if op.type == "Cast" and op.device.endswith(device)]
+        casts = [
+            op for op in ops if op.type == "Cast" and op.device.endswith(device) and op.inputs[0].dtype == tf.uint8
+        ]
         assert [(op.inputs[0].dtype, op.outputs[0].dtype) for op in casts] == [(tf.uint8, tf.float32)], device
 
 

@@ -11,7 +11,8 @@ TINY = [
     (
         "benchmarks/training_step.py",
         ["--batch_size=2", "--rounds=1", "--precisions=float32"],
-        r"float32: matmul roofline \d+ GFLOP/s.*\n  plain: .*\n  alexnet: .*\n  alexnet / plain: \d+\.\d\d",
+        r"float32: matmul roofline \d+ GFLOP/s.*\n  plain: .*\n  alexnet: .*\n  alexnet compiled: .*\n"
+        r"  alexnet / plain: \d+\.\d\d.*\n  alexnet compiled / plain: \d+\.\d\d",
     ),
     (
         "benchmarks/conversion.py",

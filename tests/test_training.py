@@ -283,6 +283,31 @@ def _tiny_step(strategy, precision="float32", tower_devices=None):
     return model, optimizer, loop.make_train_step(model, optimizer, strategy, config), iter(dataset)
 
 
+def test_a_compiled_step_trains_as_the_op_by_op_step_with_each_replicas_own_draws():
+    """--jit_compile: each replica's forward and backward pass in XLA gives the same update (within float noise) as
+    op by op, which also means each replica kept its own dropout and augmentation draws."""
+    strategy = tf.distribute.MirroredStrategy(list(TWO_DEVICES), cross_device_ops=tf.distribute.ReductionToOneDevice())
+    weights, metrics = {}, {}
+    for jit in (False, True):
+        config = recipe.Config(batch_size=8, learning_rate=0.01, weight_std=0.02, jit_compile=jit)
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = classifier.build_classifier(4, STATS, image_size=72, crop_size=64, lighting_std=0.1)
+            optimizer = loop.make_optimizer(config)
+            optimizer.build(model.trainable_variables)
+        rng = np.random.default_rng(0)
+        data = (rng.integers(0, 256, (8, 72, 72, 3), dtype=np.uint8), rng.integers(0, 4, 8).astype(np.int32))
+        dataset = strategy.distribute_datasets_from_function(
+            lambda ctx, d=data: tf.data.Dataset.from_tensors(d).unbatch().batch(4).repeat()
+        )
+        step, iterator = loop.make_train_step(model, optimizer, strategy, config), iter(dataset)
+        metrics[jit] = [step(iterator, tf.constant(i, tf.int64), tf.constant(0.0)).numpy() for i in range(3)]
+        weights[jit] = [w.numpy() for w in model.trainable_weights]
+    np.testing.assert_allclose(metrics[True], metrics[False], rtol=1e-4)
+    for compiled, op_by_op in zip(weights[True], weights[False], strict=True):
+        np.testing.assert_allclose(compiled, op_by_op, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_each_precision_trains_with_float32_weights_and_loss_scaling_for_float16(precision):
     model, optimizer, step, iterator = _tiny_step(tf.distribute.get_strategy(), precision)

@@ -65,6 +65,8 @@ def check_config(config):
         )
     if config.eval_crops not in (1, 10):
         raise ConfigError(f"--eval_crops={config.eval_crops}: 1 (centre) or 10 (§4.1's patches)")
+    if config.jit_compile and config.strategy == "towers":
+        raise ConfigError("--jit_compile compiles one device's work: not for --strategy=towers (two devices a step)")
     if config.tower_devices and config.strategy != "towers":
         raise ConfigError("--tower_devices places the two towers: it needs --strategy=towers")
     if config.mirrored_devices and config.strategy != "mirrored":

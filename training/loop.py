@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from model import classifier
+from model import classifier, draws
 from pipeline import input as data_input
 from pipeline import service
 from training import checkpoints, checks, devices, evaluation, recipe, summaries
@@ -154,7 +154,7 @@ def replica_seed(seed, step):
     """The stateless seed of this replica's random draws (crops, flips, lighting, dropout) at `step`: a function
     of (run seed, step, replica) alone, so replicas draw their own and a resumed run draws the same."""
     replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-    return tf.random.experimental.stateless_fold_in(tf.random.experimental.stateless_fold_in([seed, 1], step), replica)
+    return draws.fold_in(draws.fold_in([seed, 1], step), replica)
 
 
 def forward(model, images, step, seed):
@@ -164,16 +164,25 @@ def forward(model, images, step, seed):
 
 def _distributed_step(model, optimizer, strategy, config):
     """(batch, step, stop) -> the step on every replica: gradients summed over the replicas, the §5 update on each;
-    returns [loss sum, top-1 misses, top-5 misses, images, stop requests] summed over the replicas."""
+    returns [loss sum, top-1 misses, top-5 misses, images, stop requests] summed over the replicas.
+    With config.jit_compile each replica's forward and backward pass is one XLA computation (the sum over the
+    replicas and the update stay outside it: XLA compiles one device's work)."""
     variables = model.trainable_variables
 
-    def replica_step(images, labels, step, stop):
+    def gradients(images, labels, step):
         with tf.GradientTape() as tape:
             logits = forward(model, images, step, config.seed)
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
             loss = tf.reduce_sum(losses) / config.batch_size  # Summed over the replicas: the batch's mean.
             scaled = optimizer.scale_loss(loss)
-        optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables, strict=True))
+        return tape.gradient(scaled, variables), losses, logits
+
+    if config.jit_compile:
+        gradients = tf.function(gradients, jit_compile=True)
+
+    def replica_step(images, labels, step, stop):
+        grads, losses, logits = gradients(images, labels, step)
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
         top1, top5 = (tf.reduce_sum(evaluation.top_k_misses(labels, logits, k)) for k in (1, 5))
         return tf.stack([tf.reduce_sum(losses), top1, top5, tf.cast(tf.size(labels), tf.float32), stop])
 

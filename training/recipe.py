@@ -43,6 +43,7 @@ class Config:
     eval_crops: int = 10
     # How the run is carried out.
     precision: str = "float32"
+    jit_compile: bool = False  # Each replica's forward and backward pass as one XLA computation (README, GPUs).
     seed: int = 0
     strategy: str = "mirrored"
     train_on_cpu: bool = False  # mirrored / multi_worker with no GPU in sight: refused unless this says so.
@@ -66,6 +67,7 @@ class Config:
         "tower_devices",
         "train_on_cpu",
         "all_reduce",
+        "jit_compile",
         "data_service",
         "log_every_steps",
         "checkpoint_every_steps",
