@@ -131,6 +131,7 @@ def test_shards_holding_fewer_records_than_the_summary_lists_stop_training(data_
         loop.train(_config(data_copy, tmp_path / "m"))
 
 
+@pytest.mark.slow  # ~26 s; training's shortfall is in the default suite.
 def test_a_corrupt_or_short_validation_shard_stops_the_evaluation_with_its_name(data_copy, tmp_path):
     shard = sorted(p for p in os.listdir(data_copy) if p.startswith("validation-"))[0]
     data = (data_copy / shard).read_bytes()

@@ -9,6 +9,7 @@ import pytest
 from tests.helpers import run as _run
 
 
+@pytest.mark.slow  # ~25 s; the DirectRunner's worker processes, also run by make demo.
 def test_build_tfrecords_with_parallel_workers(demo_raw, tmp_path):
     out = tmp_path / "out"
     args = ["-m", "pipeline.build_tfrecords", f"--input_dir={demo_raw}", f"--output_dir={out}", "--train_shards=2"]
@@ -73,6 +74,7 @@ def test_make_demo_data_writes_imagenet_layout(tmp_path):
         assert len(f.read().split()) == 10
 
 
+@pytest.mark.slow  # ~26 s; the tars path is in the default suite in-process.
 def test_downloaded_tars_from_make_demo_data_convert_without_extracting(tmp_path):
     tars, out = tmp_path / "tars", tmp_path / "out"
     args = ["-m", "pipeline.make_demo_data", f"--output_dir={tars}", "--train_per_class=2", "--val_per_class=1"]

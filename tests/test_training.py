@@ -360,6 +360,7 @@ def test_towers_on_two_devices_train_every_weight_where_it_lives():
         assert w.value.device.endswith(expected) and momentum.value.device.endswith(expected), w.path
 
 
+@pytest.mark.slow  # ~40 s.
 def test_profiled_steps_are_marked_and_a_run_resumed_inside_the_window_traces_the_rest(demo_data, tmp_path):
     """Keras' TensorBoard callback marks steps without _r=1, which leaves the profiler's step pages empty. A run
     killed inside the --profile_steps window and resumed there traces the window's steps it still takes."""
