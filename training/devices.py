@@ -21,8 +21,8 @@ def make_strategy(config):
     devices the default strategy (the model places its towers itself: OneDeviceStrategy would create every
     variable on its one device); MultiWorkerMirroredStrategy over the cluster TF_CONFIG describes. Each with the
     all-reduce config.all_reduce names."""
-    gpus = bool(tf.config.list_logical_devices("GPU"))
-    if config.strategy == "multi_worker":
+    if config.strategy == "multi_worker":  # Physical devices: listing logical ones would start the runtime too soon.
+        gpus = bool(tf.config.list_physical_devices("GPU"))
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication(config.all_reduce, gpus))
     if config.strategy == "towers":
         return tf.distribute.get_strategy()
