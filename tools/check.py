@@ -68,7 +68,8 @@ def update_error(device):
 
 
 def step_runs(device, config, data):
-    """Whether a compiled training step (forward, backward, the update) runs on `device` and gives a finite loss."""
+    """Whether a compiled training step (forward, backward, the update; XLA with --jit_compile) runs on `device`
+    and gives a finite loss."""
     with tf.device(device):
         model = classifier.build_classifier(
             len(data.labels),
@@ -82,12 +83,16 @@ def step_runs(device, config, data):
         optimizer.build(model.trainable_variables)
         images = tf.zeros((2, config.image_size, config.image_size, 3), tf.uint8)
 
-        @tf.function
-        def step():
+        @tf.function(jit_compile=config.jit_compile)  # As train.py compiles it: XLA with --jit_compile.
+        def gradients():
             with tf.GradientTape() as tape:
                 logits = tf.cast(model(images, training=True, seed=[0, 0]), tf.float32)
                 loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.zeros(2, tf.int32), logits))
-            grads = tape.gradient(loss, model.trainable_variables)
+            return loss, tape.gradient(loss, model.trainable_variables)
+
+        @tf.function
+        def step():
+            loss, grads = gradients()
             optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             return loss
 
@@ -188,8 +193,9 @@ def check(config, steps, batches):
         ok = lrn_max < 1e-4 and update_max < 1e-6 and runs
         problems += not ok
         print(
-            f"  {device}: LRN {lrn_max:.1e} from §3.3's formula, update {update_max:.1e} from §5's rule, compiled "
-            f"step {'runs' if runs else 'FAILS (loss not finite)'}" + ("" if ok else "  <- PROBLEM"),
+            f"  {device}: LRN {lrn_max:.1e} from §3.3's formula, update {update_max:.1e} from §5's rule, "
+            f"{'XLA-' if config.jit_compile else ''}compiled step {'runs' if runs else 'FAILS (loss not finite)'}"
+            + ("" if ok else "  <- PROBLEM"),
             flush=True,
         )
     rate, shapes = step_rate(strategy, config, data, steps)
