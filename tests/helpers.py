@@ -37,6 +37,18 @@ def tiny_run_config(data_dir, model_dir, **overrides):
     return recipe.Config(**{**values, **overrides})
 
 
+# train.py's flags for a tiny demo-set run as a command (tiny_run_config's settings), on CPU devices.
+TINY_TRAIN_FLAGS = (
+    "--image_size=64",
+    "--crop_size=64",
+    "--learning_rate=0.005",
+    "--weight_std=0.02",
+    "--eval_crops=1",
+    "--train_on_cpu",
+    "--log_every_steps=1",
+)
+
+
 def photos_dir():
     """../shared/data/photos, or a skip when this checkout has no shared folder beside it."""
     if not os.path.isdir(PHOTOS):

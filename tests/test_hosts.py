@@ -9,20 +9,11 @@ import signal
 import pytest
 
 from tests import hosts
-from tests.helpers import output, run_conversion
+from tests.helpers import TINY_TRAIN_FLAGS, output, run_conversion
 
 pytestmark = pytest.mark.slow
 
-TRAIN = [
-    "train.py",
-    "--image_size=64",
-    "--crop_size=64",
-    "--learning_rate=0.005",
-    "--weight_std=0.02",
-    "--eval_crops=1",
-    "--train_on_cpu",
-    "--log_every_steps=1",
-]
+TRAIN = ["train.py", *TINY_TRAIN_FLAGS]
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +150,16 @@ def multi_worker(two_hosts, demo_data, tmp_path_factory):
     return args, _digest(results[0][1])
 
 
+def _started_again(pair, args, model_dir, uninterrupted):
+    """The job's commands run again to the end: every worker ends with the uninterrupted run's digest. Returns
+    what the chief printed."""
+    again = [output(p, timeout=900) for p in _start_workers(pair, _cluster(pair), args, [model_dir] * 2)]
+    for status, printed in again:
+        assert status == 0, printed[-3000:]
+        assert _digest(printed) == uninterrupted
+    return again[0][1]
+
+
 def test_a_worker_killed_mid_epoch_and_the_job_started_again_ends_as_if_never_stopped(
     two_hosts, multi_worker, tmp_path
 ):
@@ -171,11 +172,8 @@ def test_a_worker_killed_mid_epoch_and_the_job_started_again_ends_as_if_never_st
         assert status != 0, printed[-3000:]
     finally:
         _stop(*workers)
-    again = [output(p, timeout=900) for p in _start_workers(two_hosts, _cluster(two_hosts), args, [tmp_path] * 2)]
-    for status, printed in again:
-        assert status == 0, printed[-3000:]
-        assert _digest(printed) == uninterrupted
-    assert re.search(r"Resuming .* at step [3-9]", again[0][1])
+    chief = _started_again(two_hosts, args, tmp_path, uninterrupted)
+    assert re.search(r"Resuming .* at step [3-9]", chief)
 
 
 def test_sigterm_to_one_worker_saves_every_worker_at_one_step_and_the_job_resumes_exactly(
@@ -194,11 +192,7 @@ def test_sigterm_to_one_worker_saves_every_worker_at_one_step_and_the_job_resume
         assert status == 42, printed[-3000:]  # "Preempted": saved, start me again.
         steps.append(re.search(r"stopped by SIGTERM: saved step (\d+)", printed)[1])
     assert steps[0] == steps[1]
-    again = [output(p, timeout=900) for p in _start_workers(two_hosts, _cluster(two_hosts), args, [tmp_path] * 2)]
-    for status, printed in again:
-        assert status == 0, printed[-3000:]
-        assert _digest(printed) == uninterrupted
-    assert f"at step {steps[0]}:" in again[0][1]
+    assert f"at step {steps[0]}:" in _started_again(two_hosts, args, tmp_path, uninterrupted)
 
 
 def test_workers_given_folders_of_their_own_are_refused_before_step_1(two_hosts, demo_data, tmp_path):

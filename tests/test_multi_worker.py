@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.helpers import free_ports, output, start
+from tests.helpers import TINY_TRAIN_FLAGS, free_ports, output, start
 
 
 def _workers(demo_data, model_dir, ports, *extra):
@@ -18,13 +18,7 @@ def _workers(demo_data, model_dir, ports, *extra):
         "--strategy=multi_worker",
         "--epochs=1",
         "--batch_size=16",
-        "--image_size=64",
-        "--crop_size=64",
-        "--learning_rate=0.005",
-        "--weight_std=0.02",
-        "--eval_crops=1",
-        "--train_on_cpu",
-        "--log_every_steps=1",
+        *TINY_TRAIN_FLAGS,
         *extra,
     ]
     processes = [

@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 import train
-from model import classifier, lrn
+from model import lrn
 from pipeline import input as data_input
 from training import checks, devices, loop, recipe
 
@@ -71,16 +71,7 @@ def step_runs(device, config, data):
     """Whether a compiled training step (forward, backward, the update; XLA with --jit_compile) runs on `device`
     and gives a finite loss."""
     with tf.device(device):
-        model = classifier.build_classifier(
-            len(data.labels),
-            data.stats,
-            image_size=config.image_size,
-            crop_size=config.crop_size,
-            lighting_std=config.lighting_std,
-            precision=config.precision,
-        )
-        optimizer = loop.make_optimizer(config)
-        optimizer.build(model.trainable_variables)
+        model, optimizer = loop.build_model(config, data, tower_devices=False)
         images = tf.zeros((2, config.image_size, config.image_size, 3), tf.uint8)
 
         @tf.function(jit_compile=config.jit_compile)  # As train.py compiles it: XLA with --jit_compile.
@@ -118,21 +109,17 @@ def all_reduce_seconds(strategy, shapes, repeats=3):
 def step_rate(strategy, config, data, steps):
     """Images/s of training steps as train.py takes them, fed one real batch over and over (the step alone)."""
     with strategy.scope():
-        model = classifier.build_classifier(
-            len(data.labels),
-            data.stats,
-            image_size=config.image_size,
-            crop_size=config.crop_size,
-            lighting_std=config.lighting_std,
-            precision=config.precision,
-            tower_devices=config.tower_devices or None,
-        )
-        optimizer = loop.make_optimizer(config)
-        optimizer.build(model.trainable_variables)
+        model, optimizer = loop.build_model(config, data)
     step = loop.make_train_step(model, optimizer, strategy, config)
     files, sizes = data.files["train"], data.sizes["train"]
     per_replica = config.batch_size // strategy.num_replicas_in_sync
-    batch = next(iter(data_input.train_dataset(files, sizes, seed=0, epoch=0, batch_size=per_replica, **_size(config))))
+    batch = next(
+        iter(
+            data_input.train_dataset(
+                files, sizes, seed=0, epoch=0, batch_size=per_replica, image_size=config.image_size
+            )
+        )
+    )
     dataset = strategy.distribute_datasets_from_function(lambda _: tf.data.Dataset.from_tensors(batch).repeat())
     iterator = iter(dataset)
     zero = tf.constant(0.0)
@@ -144,7 +131,9 @@ def step_rate(strategy, config, data, steps):
 def reader_rate(config, data, batches):
     """Images/s this host's reader gives (one input pipeline, as each worker has)."""
     files, sizes = data.files["train"], data.sizes["train"]
-    dataset = data_input.train_dataset(files, sizes, seed=0, epoch=0, batch_size=config.batch_size, **_size(config))
+    dataset = data_input.train_dataset(
+        files, sizes, seed=0, epoch=0, batch_size=config.batch_size, image_size=config.image_size
+    )
     iterator = iter(dataset.repeat())
     for _ in range(2):
         next(iterator)
@@ -152,10 +141,6 @@ def reader_rate(config, data, batches):
     for _ in range(batches):
         next(iterator)
     return batches * config.batch_size / (time.perf_counter() - start)
-
-
-def _size(config):
-    return dict(image_size=config.image_size)
 
 
 def duration(seconds):

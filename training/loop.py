@@ -85,7 +85,7 @@ class Preemption:
         self.requested, self._previous = 0.0, None
 
     def __enter__(self):
-        if threading_is_main():
+        if threading.current_thread() is threading.main_thread():  # Python's rule for signal handlers.
             self._previous = signal.signal(signal.SIGTERM, self._request)
         return self
 
@@ -98,10 +98,6 @@ class Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:  # The final evaluation is not interrupted: a restart redoes it.
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def threading_is_main():
-    return threading.current_thread() is threading.main_thread()
 
 
 class ServiceWatch:
@@ -142,6 +138,25 @@ class TrainState(tf.Module):
     @property
     def plateau(self):
         return recipe.Plateau(float(self.best.numpy()), int(self.wait.numpy()), int(self.drops.numpy()))
+
+
+def build_model(config, data, tower_devices=True):
+    """The classifier of config's settings for data's classes and statistics, and its optimizer, built (in the
+    caller's strategy or device scope). tower_devices=False keeps the towers on the scope's one device."""
+    model = classifier.build_classifier(
+        len(data.labels),
+        data.stats,
+        image_size=config.image_size,
+        crop_size=config.crop_size,
+        lighting_std=config.lighting_std,
+        precision=config.precision,
+        tower_devices=(config.tower_devices or None) if tower_devices else None,
+        dropout=config.dropout,
+        weight_std=config.weight_std,
+    )
+    optimizer = make_optimizer(config)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
 
 
 def make_optimizer(config):
@@ -260,19 +275,7 @@ class Run:
         self.chief = devices.is_chief(strategy)
         keras.utils.set_random_seed(config.seed)  # The initial weights (§5) depend on the seed alone.
         with strategy.scope():
-            self.model = classifier.build_classifier(
-                len(data.labels),
-                data.stats,
-                image_size=config.image_size,
-                crop_size=config.crop_size,
-                lighting_std=config.lighting_std,
-                precision=config.precision,
-                tower_devices=config.tower_devices or None,
-                dropout=config.dropout,
-                weight_std=config.weight_std,
-            )
-            self.optimizer = make_optimizer(config)
-            self.optimizer.build(self.model.trainable_variables)
+            self.model, self.optimizer = build_model(config, data)
         self.state = TrainState()
         self.checkpoints = checkpoints.RunCheckpoints(
             config.model_dir,
