@@ -16,12 +16,15 @@ setuptools.setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "pillow>=10",
+        # The converter describes its output for tensorflow-datasets (on the job's workers too, which install only
+        # these), and reads the ILSVRC-2012 validation labels TFDS ships; TFDS users load the shards with it.
+        "tensorflow-datasets==4.9.10",
     ],
     extras_require={
-        # Beam (and tensorflow-datasets, for its ILSVRC-2012 validation labels) only for the conversion job and
-        # its workers: training never imports them. Beam's gcp extra reads and writes gs:// and runs on Dataflow;
-        # build packages --setup_file for Dataflow's workers (Beam falls back to `setup.py sdist` without it).
-        "beam": ["apache-beam[gcp]==2.77.*", "tensorflow-datasets==4.9.10", "build"],
+        # Beam only for the conversion job and its workers: training never imports it. Beam's gcp extra reads and
+        # writes gs:// and runs on Dataflow; build packages --setup_file for Dataflow's workers (Beam falls back
+        # to `setup.py sdist` without it).
+        "beam": ["apache-beam[gcp]==2.77.*", "build"],
         # GPU hosts: TensorFlow's CUDA libraries (cuDNN, cuBLAS, NCCL, ...) from PyPI, so that no system CUDA is
         # needed; without them TensorFlow sees no GPU (train.py then refuses --strategy=mirrored: README).
         "gpu": ["tensorflow[and-cuda]==2.21.*"],

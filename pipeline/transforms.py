@@ -359,11 +359,14 @@ class _FinalizeFn(beam.DoFn):
         summary = outputs.summarize(dict(seen), shards, rejected, self.num_shards)
         summary["classes"] = len(wnids)
         outputs.replace_output(self.output_dir, self.staging_dir, self.num_shards, {name for _, name, _ in shards})
+        for split in outputs.SPLITS:
+            summary[split]["bytes"] = outputs.split_bytes(self.output_dir, split)
         outputs.write_small_files(
             self.output_dir,
             summary=summary,
             pixel_stats=pixel_stats,
             labels=outputs.labels_file(wnids, self.class_names),
             rejected=rejected,
+            tfds_metadata=outputs.tfds_files(wnids, self.class_names, summary),
         )
         yield summary

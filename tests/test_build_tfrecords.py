@@ -9,7 +9,7 @@ import tensorflow as tf
 from pipeline import demo_data as demo_module
 from pipeline import example_spec, images, sources
 from pipeline import input as data_input
-from tests.helpers import TRAIN_PER_CLASS, VAL_PER_CLASS, photos_dir, run_conversion
+from tests.helpers import TRAIN_PER_CLASS, VAL_PER_CLASS, photos_dir, run, run_conversion
 
 WNIDS = [wnid for wnid, _, _ in demo_module.CLASSES]
 
@@ -29,14 +29,54 @@ def test_summary_accounts_for_every_file(demo_data, demo_raw):
         summary = json.load(f)
     train_files = glob.glob(os.path.join(demo_raw, "train", "*", "*"))
     sizes = summary["train"].pop("shard_sizes")
-    assert summary["train"] == {"seen": len(train_files), "written": len(train_files) - 1, "rejected": 1, "shards": 4}
     files = data_input.shard_files(demo_data, "train")
+    assert summary["train"].pop("bytes") == sum(os.path.getsize(f) for f in files)
+    assert summary["train"] == {"seen": len(train_files), "written": len(train_files) - 1, "rejected": 1, "shards": 4}
     assert sizes == [sum(1 for _ in tf.data.TFRecordDataset(f)) for f in files] and sum(sizes) == len(train_files) - 1
     assert summary["image_size"] == 256
     assert summary["validation"]["seen"] == summary["validation"]["written"] == len(WNIDS) * VAL_PER_CLASS
     with open(os.path.join(demo_data, "rejected.tsv")) as f:
         rows = [line.rstrip("\n").split("\t") for line in f][1:]
     assert len(rows) == 1 and rows[0][1].endswith("_truncated.JPEG") and "truncated" in rows[0][2]
+
+
+TFDS_READ = """
+import json, sys
+import tensorflow_datasets as tfds
+builder = tfds.builder_from_directory(sys.argv[1])
+label = builder.info.features["image"]["class"]["label"]
+counts = {}
+for split in ("train", "validation"):
+    for example in tfds.as_numpy(builder.as_dataset(split=split)):
+        image = example["image"]
+        wnid = label.int2str(image["class"]["label"])
+        assert wnid == image["class"]["synset"].decode(), (wnid, image["class"]["synset"])
+        assert image["encoded"].shape == (256, 256, 3), image["encoded"].shape
+        counts.setdefault(split, {}).setdefault(wnid, 0)
+        counts[split][wnid] += 1
+sizes = {split: builder.info.splits[split].num_examples for split in counts}
+print(json.dumps(dict(names=label.names, class_names=builder.info.metadata["class_names"], counts=counts,
+                      sizes=sizes, shards={s: builder.info.splits[s].shard_lengths for s in counts})))
+"""
+
+
+def test_tensorflow_datasets_reads_the_converted_folder_as_it_is(demo_data):
+    result = run("-c", TFDS_READ, demo_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    read = json.loads(result.stdout.strip().splitlines()[-1])
+    with open(os.path.join(demo_data, "labels.txt")) as f:
+        labels = [line.rstrip("\n").split("\t") for line in f]
+    with open(os.path.join(demo_data, "summary.json")) as f:
+        summary = json.load(f)
+    assert read["names"] == [wnid for wnid, _ in labels]  # Label i is labels.txt's line i.
+    assert read["class_names"] == dict(labels)
+    for split in ("train", "validation"):
+        assert read["sizes"][split] == summary[split]["written"] == sum(read["counts"][split].values())
+        assert read["shards"][split] == summary[split]["shard_sizes"]
+        by_class = {}
+        for record in _records(demo_data, split):
+            by_class[record[example_spec.SYNSET].decode()] = by_class.get(record[example_spec.SYNSET].decode(), 0) + 1
+        assert read["counts"][split] == by_class
 
 
 def test_records_hold_the_converted_images_with_sorted_wnid_labels(demo_data, demo_raw):
