@@ -2,8 +2,8 @@ r"""Converts raw ImageNet (ILSVRC-2012 layout) into 256x256 JPEG TFRecord shards
 
     python -m pipeline.build_tfrecords --input_dir=RAW --output_dir=OUT [Beam options, e.g. --runner=DataflowRunner]
 
-RAW holds the extracted train/<wnid>/ and val/ folders, or the downloaded ILSVRC2012_img_train.tar and
-ILSVRC2012_img_val.tar, read in place without extracting (pipeline/sources.py).
+RAW holds the extracted train/<wnid>/ and val/ folders (Kaggle's copy: its ILSVRC/Data/CLS-LOC), or the downloaded
+ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, read in place without extracting (pipeline/sources.py).
 
 Writes to OUT: train-SSSSS-of-NNNNN and validation-SSSSS-of-NNNNN shards, stats.npz / stats.json (mean image and
 RGB PCA, from the training images), labels.txt (label i is line i's wnid, and its name when known),
@@ -40,14 +40,16 @@ _VAL_SHARDS = flags.DEFINE_integer(
 _VAL_LABELS = flags.DEFINE_string(
     "val_labels_file",
     None,
-    "Labels of a flat val/ folder, one wnid per line in image-number order. Default: <input_dir>/"
-    "validation_labels.txt if present, else the ILSVRC-2012 file shipped by tensorflow-datasets.",
+    "Labels of a flat val/ folder: one wnid per line in image-number order, or Kaggle's LOC_val_solution.csv. "
+    "Default: <input_dir>/validation_labels.txt or LOC_val_solution.csv (for Kaggle's <top>/ILSVRC/Data/CLS-LOC "
+    "also <top>/LOC_val_solution.csv) if present, else the ILSVRC-2012 file shipped by tensorflow-datasets.",
 )
 _CLASS_NAMES = flags.DEFINE_string(
     "class_names_file",
     None,
     "Names of the classes, 'wnid name' per line (the ILSVRC devkit's synset_words.txt). Default: "
-    "<input_dir>/LOC_synset_mapping.txt or synset_words.txt if present; labels.txt lists them.",
+    "<input_dir>/LOC_synset_mapping.txt or synset_words.txt if present (for Kaggle's copy also at its top); "
+    "labels.txt lists them.",
 )
 _TAR_READS = flags.DEFINE_enum(
     "tar_reads",
@@ -132,8 +134,7 @@ def main(argv):
     try:
         # Read here and sent to the workers as data: they may not see the files this machine sees (the
         # labels file tensorflow-datasets ships is in this machine's site-packages).
-        val_labels_file = sources.resolve_val_labels(input_dir, _VAL_LABELS.value)
-        val_labels = sources.read_val_labels(val_labels_file) if val_labels_file else None
+        val_labels = sources.load_val_labels(input_dir, _VAL_LABELS.value)
         class_names = sources.resolve_class_names(input_dir, _CLASS_NAMES.value)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e)) from None

@@ -8,10 +8,14 @@ Two layouts, per split:
     <input_dir>/val/<wnid>/*.JPEG                          or in class folders, or
     <input_dir>/ILSVRC2012_img_val.tar                     as downloaded: a flat tar of the validation files
 
+Kaggle's copy ("ImageNet Object Localization Challenge") is the extracted layout at ILSVRC/Data/CLS-LOC, with
+the validation labels in LOC_val_solution.csv and the names in LOC_synset_mapping.txt at its top, three folders
+up: both are found there.
+
 Images inside tars are read in place (tars are uncompressed: each member is one contiguous run of bytes), never
 extracted. Every image is an ImageRef named by its place in the extracted layout, so both layouts give the same
 names, the same shard assignment and the same records. A validation labels file has one wnid per line, line i
-for image number i (tensorflow-datasets' format). Labels are 0-based in sorted-wnid order of the training classes.
+for image number i (tensorflow-datasets' format), or is Kaggle's CSV. Labels are 0-based in sorted-wnid order of the training classes.
 """
 
 import functools
@@ -28,6 +32,9 @@ VAL_FILE_RE = re.compile(r"ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
 TFDS_VAL_LABELS = ("datasets", "imagenet2012", "validation_labels.txt")
 TARS = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"}
 CLASS_NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")  # Kaggle's copy of ImageNet; the ILSVRC devkit.
+KAGGLE_DATA = "ILSVRC/Data/CLS-LOC"  # Where Kaggle's copy keeps train/ and val/, below its top folder.
+KAGGLE_VAL_LABELS = "LOC_val_solution.csv"
+KAGGLE_CSV_HEADER = "ImageId,PredictionString"
 GCS_CHUNK = 16 << 20  # What Beam's GCS reader fetches per request unless told otherwise.
 HEADER_CHUNK = 64 << 10  # A tar header (512 bytes) and the next few, when a listing seeks from header to header.
 
@@ -71,11 +78,6 @@ def even_chunk(size, most=GCS_CHUNK):
 
 def size_of(path):
     return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
-
-
-def wnid_of(path):
-    """The class folder a file sits in."""
-    return path.replace("\\", "/").rstrip("/").split("/")[-2]
 
 
 def relative_to(path, root):
@@ -199,10 +201,32 @@ def tfds_val_labels_file():
 
 
 def read_val_labels(path):
-    """{image number (1-based): wnid} from a validation labels file."""
+    """{image number (1-based): wnid} from a validation labels file: one wnid per line, or Kaggle's CSV."""
     with open_file(path) as f:
-        lines = f.read().decode().split()
-    return {i: wnid for i, wnid in enumerate(lines, start=1)}
+        return _parse_val_labels(path, f.read().decode())
+
+
+def _parse_val_labels(path, text):
+    if text.startswith(KAGGLE_CSV_HEADER):
+        return _read_kaggle_csv(path, text)
+    return {i: wnid for i, wnid in enumerate(text.split(), start=1)}
+
+
+def _read_kaggle_csv(path, text):
+    """Kaggle's LOC_val_solution.csv: rows `ILSVRC2012_val_NNNNNNNN,<wnid> <box> [<wnid> <box> ...]` in no fixed
+    order; every box of an image is of its one class, so the first wnid is its label."""
+    labels = {}
+    for number, line in enumerate(text.splitlines()[1:], start=2):
+        if not line.strip():
+            continue
+        image_id, _, predictions = line.partition(",")
+        image = VAL_FILE_RE.search(image_id.strip() + ".JPEG")
+        if not image or not predictions.split():
+            raise ValueError(f"{path}:{number}: expected 'ILSVRC2012_val_NNNNNNNN,<wnid> <box>...', got {line!r}")
+        if int(image.group(1)) in labels:
+            raise ValueError(f"{path}:{number}: {image_id} has a row already")
+        labels[int(image.group(1))] = predictions.split()[0]
+    return labels
 
 
 def val_wnid(path, val_labels):
@@ -213,14 +237,56 @@ def val_wnid(path, val_labels):
     return val_labels.get(int(number.group(1)))
 
 
+def kaggle_top(input_dir):
+    """The top folder of Kaggle's copy when input_dir is its ILSVRC/Data/CLS-LOC, else None."""
+    path = input_dir.replace("\\", "/").rstrip("/")
+    return path[: -len(KAGGLE_DATA) - 1] if path.endswith("/" + KAGGLE_DATA) else None
+
+
+def _beside(input_dir, names):
+    """The first of these files in input_dir, or at the top of Kaggle's copy; None when there is none."""
+    folders = [input_dir] + ([kaggle_top(input_dir)] if kaggle_top(input_dir) else [])
+    for folder in folders:
+        for name in names:
+            if FileSystems.exists(FileSystems.join(folder, name)):
+                return FileSystems.join(folder, name)
+    return None
+
+
 def resolve_val_labels(input_dir, val_labels_file=None):
-    """The labels file for a flat val/ folder: the one given, else one beside the data, else tensorflow-datasets'."""
+    """The labels file for a flat val/ folder: the one given, else one beside the data (or Kaggle's CSV where
+    Kaggle puts it), else tensorflow-datasets'."""
     if val_labels_file:
         if not FileSystems.exists(val_labels_file):
             raise FileNotFoundError(f"--val_labels_file={val_labels_file} does not exist")
         return val_labels_file
-    beside = FileSystems.join(input_dir, "validation_labels.txt")
-    return beside if FileSystems.exists(beside) else tfds_val_labels_file()
+    return _beside(input_dir, ["validation_labels.txt", KAGGLE_VAL_LABELS]) or tfds_val_labels_file()
+
+
+def load_val_labels(input_dir, val_labels_file=None):
+    """{image number: wnid} for a flat val/ folder (None without a labels file). Kaggle's CSV names the images
+    it labels, so it must name exactly the flat val/ folder's images: else it is refused with the counts."""
+    path = resolve_val_labels(input_dir, val_labels_file)
+    if not path:
+        return None
+    with open_file(path) as f:
+        text = f.read().decode()
+    labels = _parse_val_labels(path, text)
+    if text.startswith(KAGGLE_CSV_HEADER) and layout(input_dir, "val")[0] == "folder":
+        present = {int(m[1]) for p in match(FileSystems.join(input_dir, "val", "*")) if (m := VAL_FILE_RE.search(p))}
+        absent, unlabelled = sorted(labels.keys() - present), sorted(present - labels.keys())
+        if absent or unlabelled:
+            raise ValueError(
+                f"{path} does not fit {FileSystems.join(input_dir, 'val')}: of its {len(labels)} rows, "
+                f"{len(absent)} name images that are not there (first: {_val_name(absent)}), and {len(unlabelled)} "
+                f"of the folder's {len(present)} images have no row (first: {_val_name(unlabelled)}). Give the CSV "
+                "that came with these images (--val_labels_file), or complete the folder"
+            )
+    return labels
+
+
+def _val_name(numbers):
+    return f"ILSVRC2012_val_{numbers[0]:08d}" if numbers else "none"
 
 
 def read_class_names(path):
@@ -238,13 +304,11 @@ def read_class_names(path):
 
 
 def resolve_class_names(input_dir, class_names_file=None):
-    """The classes' names: from the file given, else one of CLASS_NAME_FILES beside the data, else none ({})."""
+    """The classes' names: from the file given, else one of CLASS_NAME_FILES beside the data (or at the top of
+    Kaggle's copy), else none ({})."""
     if class_names_file:
         if not FileSystems.exists(class_names_file):
             raise FileNotFoundError(f"--class_names_file={class_names_file} does not exist")
         return read_class_names(class_names_file)
-    for name in CLASS_NAME_FILES:
-        path = FileSystems.join(input_dir, name)
-        if FileSystems.exists(path):
-            return read_class_names(path)
-    return {}
+    path = _beside(input_dir, CLASS_NAME_FILES)
+    return read_class_names(path) if path else {}

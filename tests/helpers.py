@@ -69,19 +69,12 @@ def run_conversion(input_dir, output_dir, **overrides):
         output_dir=output_dir,
         train_shards=4,
         validation_shards=2,
-        val_labels=_val_labels(input_dir),
+        val_labels=sources.load_val_labels(input_dir),
         class_names=sources.resolve_class_names(input_dir),
     )
     with beam.Pipeline(options=PipelineOptions(direct_num_workers=1)) as p:
         _ = p | transforms.ConvertImageNet(conversion.Config(**{**settings, **overrides}))
     return output_dir
-
-
-def _val_labels(input_dir):
-    from pipeline import sources
-
-    path = sources.resolve_val_labels(input_dir)
-    return sources.read_val_labels(path) if path else None
 
 
 def run(*args, cwd=ROOT, env=None, timeout=600):

@@ -185,3 +185,62 @@ def test_an_unreadable_tar_stops_the_job_naming_it(tmp_path, tar_reads):
     (tmp_path / "in" / "ILSVRC2012_img_train.tar").write_bytes(b"\x1f\x8b" + b"gzipped, not a plain tar" * 100)
     with pytest.raises(Exception, match="ILSVRC2012_img_train.tar: not a readable uncompressed tar"):
         run_conversion(str(tmp_path / "in"), str(tmp_path / "out"), val_labels=None, tar_reads=tar_reads)
+
+
+def kaggle_copy(demo_raw, top, rows=None):
+    """demo_raw as Kaggle ships ImageNet: top/ILSVRC/Data/CLS-LOC/{train,val}, and at the top LOC_synset_mapping.txt
+    and LOC_val_solution.csv (rows in no fixed order, a wnid and a box per object). `rows` edits the CSV's rows."""
+    import random
+    import shutil
+
+    data = os.path.join(top, *sources.KAGGLE_DATA.split("/"))
+    shutil.copytree(os.path.join(demo_raw, "train"), os.path.join(data, "train"))
+    shutil.copytree(os.path.join(demo_raw, "val"), os.path.join(data, "val"))
+    shutil.copy(os.path.join(demo_raw, "LOC_synset_mapping.txt"), top)
+    labels = sources.read_val_labels(os.path.join(demo_raw, demo_module.VAL_LABELS))
+    lines = [f"ILSVRC2012_val_{n:08d},{w} 12 30 200 180 {w} 5 6 70 90 " for n, w in labels.items()]
+    random.Random(0).shuffle(lines)
+    with open(os.path.join(top, sources.KAGGLE_VAL_LABELS), "w") as f:
+        f.write("\n".join([sources.KAGGLE_CSV_HEADER, *(rows(lines) if rows else lines)]) + "\n")
+    return data
+
+
+def test_kaggles_copy_converts_with_the_devkits_labels(demo_raw, demo_data, tmp_path):
+    data = kaggle_copy(demo_raw, str(tmp_path / "kaggle"))
+    converted = run_conversion(data, str(tmp_path / "out"))  # The CSV and the names found at Kaggle's top.
+    for split in ("train", "validation"):
+        ours = {r[example_spec.FILENAME]: (r[example_spec.LABEL], r[example_spec.SYNSET]) for r in _records(converted, split)}
+        devkit = {
+            r[example_spec.FILENAME]: (r[example_spec.LABEL], r[example_spec.SYNSET]) for r in _records(demo_data, split)
+        }
+        assert ours == devkit and len(ours) > 0
+    for name in ("labels.txt", "summary.json"):
+        with open(os.path.join(converted, name)) as a, open(os.path.join(demo_data, name)) as b:
+            assert a.read() == b.read(), name
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (lambda lines: lines[1:], r"of its 19 rows, 0 name images that are not there.*1 of the folder's 20 images"),
+        (
+            lambda lines: [*lines, "ILSVRC2012_val_00000099,n90000001 1 2 3 4"],
+            r"of its 21 rows, 1 name images that are not there \(first: ILSVRC2012_val_00000099\), and 0 of",
+        ),
+    ],
+)
+def test_a_kaggle_csv_that_does_not_fit_the_images_is_refused_with_the_counts(demo_raw, tmp_path, rows, message):
+    data = kaggle_copy(demo_raw, str(tmp_path / "kaggle"), rows=rows)
+    with pytest.raises(ValueError, match=message):
+        sources.load_val_labels(data)
+
+
+def test_the_command_refuses_a_kaggle_csv_missing_images_before_converting(demo_raw, tmp_path):
+    data = kaggle_copy(demo_raw, str(tmp_path / "kaggle"), rows=lambda lines: lines[3:])
+    out = tmp_path / "out"
+    result = run("-m", "pipeline.build_tfrecords", f"--input_dir={data}", f"--output_dir={out}")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "LOC_val_solution.csv does not fit" in result.stderr and "3 of the folder's 20 images have no row" in (
+        result.stderr
+    )
+    assert not out.exists()

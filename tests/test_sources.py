@@ -115,3 +115,21 @@ def test_layout_prefers_extracted_folders_and_finds_the_tars(tmp_path):
     (tmp_path / "train" / "n1").mkdir(parents=True)
     (tmp_path / "train" / "n1" / "a.JPEG").write_bytes(b"x")
     assert sources.layout(str(tmp_path), "train") == ("folder", None)
+
+
+def test_kaggles_csv_labels_each_image_by_its_first_wnid_whatever_the_row_order(tmp_path):
+    path = tmp_path / sources.KAGGLE_VAL_LABELS
+    rows = ["ILSVRC2012_val_00000003,n02 1 2 3 4", "ILSVRC2012_val_00000001,n01 5 6 7 8 n01 1 1 2 2", ""]
+    path.write_text("\n".join([sources.KAGGLE_CSV_HEADER, *rows]))
+    assert sources.read_val_labels(str(path)) == {3: "n02", 1: "n01"}
+    path.write_text("\n".join([sources.KAGGLE_CSV_HEADER, "ILSVRC2012_val_00000003,"]))
+    with pytest.raises(ValueError, match=r"LOC_val_solution.csv:2: expected"):
+        sources.read_val_labels(str(path))
+    path.write_text("\n".join([sources.KAGGLE_CSV_HEADER, rows[0], rows[0]]))
+    with pytest.raises(ValueError, match=r":3: ILSVRC2012_val_00000003 has a row already"):
+        sources.read_val_labels(str(path))
+
+
+def test_kaggles_top_folder_is_three_up_from_its_data(tmp_path):
+    assert sources.kaggle_top("gs://b/imagenet/ILSVRC/Data/CLS-LOC/") == "gs://b/imagenet"
+    assert sources.kaggle_top(str(tmp_path)) is None

@@ -68,7 +68,7 @@ def _class_tar_sizes(root):
 def _items(demo_raw, split="train"):
     """Items of a few demo files, as ReadImages gives them for folders (to be converted by the shard writer)."""
     paths = sorted(glob.glob(os.path.join(demo_raw, "train", "*", "*.JPEG")))[:7]
-    items = [transforms.Item(sources.ImageRef(sources.relative_to(p, demo_raw), p), sources.wnid_of(p)) for p in paths]
+    items = [transforms.Item(sources.ImageRef(sources.relative_to(p, demo_raw), p), p.split("/")[-2]) for p in paths]
     bad = transforms.Item(sources.ImageRef("train/n90000001/odd.JPEG", "/nowhere"), "n90000001", None, "empty file")
     return [*items, bad]
 
