@@ -15,7 +15,8 @@ up: both are found there.
 Images inside tars are read in place (tars are uncompressed: each member is one contiguous run of bytes), never
 extracted. Every image is an ImageRef named by its place in the extracted layout, so both layouts give the same
 names, the same shard assignment and the same records. A validation labels file has one wnid per line, line i
-for image number i (tensorflow-datasets' format), or is Kaggle's CSV. Labels are 0-based in sorted-wnid order of the training classes.
+for image number i (tensorflow-datasets' format), or is Kaggle's CSV. Labels are 0-based in sorted-wnid order of
+the training classes.
 """
 
 import functools

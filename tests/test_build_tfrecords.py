@@ -208,11 +208,11 @@ def kaggle_copy(demo_raw, top, rows=None):
 def test_kaggles_copy_converts_with_the_devkits_labels(demo_raw, demo_data, tmp_path):
     data = kaggle_copy(demo_raw, str(tmp_path / "kaggle"))
     converted = run_conversion(data, str(tmp_path / "out"))  # The CSV and the names found at Kaggle's top.
+    labelled = lambda folder, split: {  # noqa: E731
+        r[example_spec.FILENAME]: (r[example_spec.LABEL], r[example_spec.SYNSET]) for r in _records(folder, split)
+    }
     for split in ("train", "validation"):
-        ours = {r[example_spec.FILENAME]: (r[example_spec.LABEL], r[example_spec.SYNSET]) for r in _records(converted, split)}
-        devkit = {
-            r[example_spec.FILENAME]: (r[example_spec.LABEL], r[example_spec.SYNSET]) for r in _records(demo_data, split)
-        }
+        ours, devkit = labelled(converted, split), labelled(demo_data, split)
         assert ours == devkit and len(ours) > 0
     for name in ("labels.txt", "summary.json"):
         with open(os.path.join(converted, name)) as a, open(os.path.join(demo_data, name)) as b:
