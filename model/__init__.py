@@ -1,7 +1,10 @@
 """The network: the Keras AlexNet as Figure 2 (alexnet.py), §3.3's normalization (lrn.py), the towers' devices
 (placement.py, §3.2), the on-device augmentation (augment.py, §4.1) and uint8 images -> logits (classifier.py)."""
 
-from model.alexnet import AlexNet, build_alexnet
-from model.lrn import LocalResponseNorm
+PACKAGE = "alexnet_reference"  # Keras' name space for this package's layers in a saved .keras file.
 
-__all__ = ["AlexNet", "LocalResponseNorm", "build_alexnet"]
+from model.alexnet import AlexNet, build_alexnet  # noqa: E402 (the layers below register under PACKAGE)
+from model.classifier import Classifier, build_classifier  # noqa: E402
+from model.lrn import LocalResponseNorm  # noqa: E402
+
+__all__ = ["AlexNet", "Classifier", "LocalResponseNorm", "build_alexnet", "build_classifier"]

@@ -10,6 +10,7 @@ update rule (training/recipe.py).
 import keras
 import tensorflow as tf
 
+import model
 from model import draws, placement
 from model.lrn import LocalResponseNorm
 
@@ -23,6 +24,7 @@ CONVS += (("conv4", 192, 3, 1, "same"), ("conv5", 128, 3, 1, "same"))
 FCS = (("fc6", 2048), ("fc7", 2048))
 
 
+@keras.saving.register_keras_serializable(package=model.PACKAGE)
 class Dropout(keras.layers.Layer):
     """§4.2: zero each unit with probability `rate` in training (and scale the rest by 1 / (1 - rate)).
 
@@ -58,6 +60,7 @@ def _init(name, std):
     )
 
 
+@keras.saving.register_keras_serializable(package=model.PACKAGE)
 class AlexNet(keras.Model):
     """Mean-subtracted float images (B, S, S, 3) -> logits (B, num_classes); the paper's S is 224."""
 

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import model
 from model import draws
 
 CROP_SIZE = 224
@@ -61,6 +62,7 @@ def lighting_offsets(batch, eigenvalues, eigenvectors, std, seed):
     return tf.linalg.matvec(eigenvectors, alphas * tf.sqrt(tf.maximum(eigenvalues, 0.0)))
 
 
+@keras.saving.register_keras_serializable(package=model.PACKAGE)
 class Preprocess(keras.layers.Layer):
     """uint8 (B, S, S, 3) -> float32 (B, crop, crop, 3): random crop, flip and lighting in training, centre crop else.
 

@@ -3,16 +3,33 @@
 import keras
 import tensorflow as tf
 
+import model
 from model import augment
 from model.alexnet import build_alexnet
 
 
+@keras.saving.register_keras_serializable(package=model.PACKAGE)
 class Classifier(keras.Model):
-    """uint8 (B, S, S, 3) -> logits: on-device preprocessing (§2, §4.1), then the AlexNet (§3)."""
+    """uint8 (B, S, S, 3) -> logits: on-device preprocessing (§2, §4.1), then the AlexNet (§3).
+
+    Saved whole in Keras' format (`.keras`: its parts' settings and every weight, the statistics included) and
+    loaded by `keras.saving.load_model` once this package is imported (it registers the layers)."""
 
     def __init__(self, preprocess, net, **kwargs):
         super().__init__(**kwargs)
         self.preprocess, self.net = preprocess, net
+
+    def build(self, input_shape):
+        self.call(tf.zeros((1, *input_shape[1:]), tf.uint8))  # Every part's variables, at their shapes.
+
+    def get_config(self):
+        parts = {"preprocess": self.preprocess, "net": self.net}
+        return {**super().get_config(), **{k: keras.saving.serialize_keras_object(v) for k, v in parts.items()}}
+
+    @classmethod
+    def from_config(cls, config):
+        parts = {k: keras.saving.deserialize_keras_object(config.pop(k)) for k in ("preprocess", "net")}
+        return cls(**parts, **config)
 
     def call(self, images, training=False, seed=None):
         preprocess_seed, net_seed = augment.split_seed(seed, 2) if training else (None, None)

@@ -8,6 +8,8 @@ into a few loops over memory: TensorFlow's CPU `LRNGrad` kernel costs several fo
 import keras
 import tensorflow as tf
 
+import model
+
 LRN = dict(depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75)  # §3.3: n=5, k=2, alpha=1e-4, beta=0.75.
 
 
@@ -39,6 +41,7 @@ def local_response_normalization(x):
     return y, lambda g: _lrn_gradient(x, g)
 
 
+@keras.saving.register_keras_serializable(package=model.PACKAGE)
 class LocalResponseNorm(keras.layers.Layer):
     """§3.3 across one tower's channels, always in float32 (no bfloat16 CPU kernel, and float16 overflows in the
     sum of squares)."""

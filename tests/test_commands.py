@@ -16,7 +16,7 @@ from pipeline import demo_data, images
 from pipeline import input as data_input
 from tests.helpers import TWO_DEVICES, photos_dir, run
 from tools import serving, similarity
-from training import checkpoints, devices, evaluation
+from training import checkpoints, checks, devices, evaluation
 
 QUIET = ("WARNING", "I0000", "E0000", "W0000", "To enable", "INFO")
 
@@ -24,10 +24,38 @@ QUIET = ("WARNING", "I0000", "E0000", "W0000", "To enable", "INFO")
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
     export_dir = tmp_path_factory.mktemp("export") / "alexnet" / "1"
-    result = run("-m", "tools.export", f"--model_dir={trained_run[0].model_dir}", f"--export_dir={export_dir}")
+    keras_file = export_dir.parent.parent / "alexnet.keras"
+    model_dir = trained_run[0].model_dir
+    result = run(
+        "-m", "tools.export", f"--model_dir={model_dir}", f"--export_dir={export_dir}", f"--keras_file={keras_file}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Exported {trained_run[0].model_dir}/checkpoints/ckpt-6 to {export_dir}" in result.stdout
+    assert f"Exported {model_dir}/checkpoints/ckpt-6 to {export_dir}" in result.stdout
+    assert f"Saved the network to {keras_file}" in result.stdout
     return export_dir
+
+
+KERAS_LOAD = """
+import sys
+import keras, numpy as np
+import model  # Registers the project's layers with Keras.
+classifier = keras.saving.load_model(sys.argv[1])
+np.save(sys.argv[3], classifier(np.load(sys.argv[2])).numpy())
+"""
+
+
+def test_the_keras_file_loads_with_keras_and_gives_the_checkpoints_logits(exported, trained_run, tmp_path):
+    data = checks.load_data(trained_run[0])
+    records = data_input.eval_dataset(data.files["validation"], data.sizes["validation"], batch_size=8, image_size=64)
+    images = next(iter(records))[0].numpy()
+    np.save(tmp_path / "images.npy", images)
+    keras_file = exported.parent.parent / "alexnet.keras"
+    result = run("-c", KERAS_LOAD, str(keras_file), str(tmp_path / "images.npy"), str(tmp_path / "logits.npy"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, _, _, _ = checkpoints.restore_classifier(trained_run[0].model_dir)
+    expected = model(images).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, rtol=1e-5, atol=1e-5)
+    assert expected.std() > 0  # Trained logits, not a constant.
 
 
 def _val_jpegs(demo_raw):

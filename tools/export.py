@@ -1,11 +1,17 @@
-r"""Exports a trained run as a SavedModel that serves encoded images (tools/serving.py).
+r"""Exports a trained run as a SavedModel that serves encoded images (tools/serving.py), and on request as a
+Keras file.
 
     python -m tools.export --model_dir=RUN --export_dir=DIR [--checkpoint=latest|best|PATH] [--crops=1|10]
+                           [--keras_file=alexnet.keras]
 
 The signature serving_default takes image_bytes (a batch of encoded JPEG/PNG strings of any size; the _bytes
 suffix is TF Serving's REST convention for base64 input) and returns scores (float32 [batch, 5], descending
 probabilities), classes (int32 [batch, 5]), wnids and names (string [batch, 5]). For TF Serving, export to
 MODELS/alexnet/1 (a numbered version folder).
+
+--keras_file writes the Classifier (uint8 256x256 batches in, logits out) in Keras' own format, for Keras users:
+`import model` (which registers the project's layers), then `keras.saving.load_model(path)`. The SavedModel stays
+the way to serve: it needs no code of this project.
 """
 
 import sys
@@ -18,6 +24,7 @@ from training import checkpoints
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "The run's folder (train.py's --model_dir).", required=True)
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Where the SavedModel goes.", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a checkpoint path.")
+_KERAS_FILE = flags.DEFINE_string("keras_file", None, "Also save the network here in Keras' format (.keras).")
 _CROPS = flags.DEFINE_enum("crops", "1", ["1", "10"], "Centre crop, or §4.1's ten patches (10x the compute).")
 
 
@@ -27,7 +34,12 @@ def main(argv):
         model, _, labels, path = checkpoints.restore_classifier(_MODEL_DIR.value, _CHECKPOINT.value)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"tools.export: {e}")
+    if _KERAS_FILE.value and not _KERAS_FILE.value.endswith(".keras"):
+        sys.exit(f"tools.export: --keras_file={_KERAS_FILE.value} must end in .keras (Keras' format wants it)")
     serving.export(model, labels, _EXPORT_DIR.value, crops=int(_CROPS.value))
+    if _KERAS_FILE.value:
+        model.save(_KERAS_FILE.value)
+        print(f"Saved the network to {_KERAS_FILE.value}: keras.saving.load_model after `import model`")
     print(
         f"Exported {path} to {_EXPORT_DIR.value}: serving_default(image_bytes) -> scores, classes, wnids, names "
         f"(top {min(serving.TOP_K, len(labels))} of {len(labels)} classes, {_CROPS.value} crop(s))"
