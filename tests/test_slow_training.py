@@ -6,6 +6,7 @@ import os
 import random
 import re
 import signal
+import subprocess
 import time
 import urllib.request
 
@@ -14,6 +15,7 @@ import pytest
 from tests.helpers import free_ports, output, run, start
 
 pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"  # Debian's package.
 
 FLAGS = [
     "--flagfile=configs/demo.flags",
@@ -122,3 +124,57 @@ def test_tensorboard_serves_the_runs_curves_images_and_histograms(demo_data, tmp
     assert {"conv1_filters", "inputs/augmented"} <= set(images["train"])
     assert "weights/alexnet/fc6_a/kernel" in histograms["train"]
     assert [point[1] for point in validation] == [3, 6]  # Both epochs, at their last steps.
+
+
+def _tensorboard(logdir):
+    """TensorBoard serving logdir on loopback, once it answers; (process, base URL)."""
+    (port,) = free_ports(1)
+    board = start("-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1", f"--port={port}")
+    base, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/data/plugins_listing", timeout=5):
+                return board, base
+        except OSError:
+            assert time.time() < deadline, output(board, timeout=1)
+            time.sleep(1)
+
+
+def test_tensorboards_hparams_dashboard_lists_runs_side_by_side_with_their_errors(demo_data, tmp_path):
+    """Two runs of other learning rates under one --logdir: the HParams plugin's API lists both with their
+    settings and final errors, and headless Chromium draws the dashboard (the screenshot is kept in tmp_path)."""
+    runs = {"lr-0.005": "0.005", "lr-0.01": "0.01"}
+    for name, lr in runs.items():
+        args = (*FLAGS, "--epochs=1", f"--learning_rate={lr}", f"--data_dir={demo_data}")
+        result = run("train.py", *args, f"--model_dir={tmp_path / 'runs' / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    board, base = _tensorboard(tmp_path / "runs")
+    try:
+        statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]  # As the tab asks.
+        request = {"experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": [], "allowedStatuses": statuses}
+        url = f"{base}/data/plugin/hparams/session_groups"
+        deadline = time.time() + 60
+        while True:
+            body = json.dumps(request).encode()
+            post = urllib.request.Request(url, body, {"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+            with urllib.request.urlopen(post, timeout=10) as response:
+                groups = json.load(response).get("sessionGroups", [])
+            if len(groups) == 2 or time.time() > deadline:
+                break
+            time.sleep(2)
+        screenshot = tmp_path / "hparams.png"
+        if os.path.exists(CHROMIUM):
+            shot = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900"]
+            shot += ["--virtual-time-budget=20000", f"--screenshot={screenshot}", f"{base}/#hparams"]
+            subprocess.run(shot, capture_output=True, timeout=120, check=True)
+    finally:
+        board.send_signal(signal.SIGTERM)
+        board.wait()
+    assert sorted(g["name"] for g in groups) == sorted(runs)
+    for group in groups:
+        assert str(group["hparams"]["learning_rate"]) == runs[group["name"]]
+        metrics = {(m["name"]["group"], m["name"]["tag"]): m["value"] for m in group["metricValues"]}
+        assert 0 <= metrics[("validation", "epoch/top1_error")] <= 1 and ("eval", "top1_error_10crop") in metrics
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"the API lists both runs; no {CHROMIUM} for the screenshot (apt-get install chromium)")
+    assert screenshot.stat().st_size > 20_000  # A drawn page, not a blank one (a blank 1400x900 PNG is ~5 KB).

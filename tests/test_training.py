@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf import json_format
 from tensorboard.backend.event_processing import event_accumulator
 
 from model import classifier
@@ -388,3 +389,24 @@ def test_profiled_steps_are_marked_and_a_run_resumed_inside_the_window_traces_th
                     steps.append((marks["step_num"], marks["_r"]))
     assert sorted(steps) == [(3, 1), (4, 1)]  # The step-time page's steps: the resumed run's part of the window.
     assert iterator_events > 0  # The input-pipeline page's tf.data events.
+
+
+def test_the_runs_settings_and_final_errors_are_there_for_tensorboards_hparams(reference):
+    from tensorboard.plugins.hparams import metadata
+
+    config, result = reference
+    acc = _scalars(config.model_dir, None)  # model_dir itself, beside train/, validation/, eval/.
+    start = metadata.parse_session_start_info_plugin_data(
+        acc.SummaryMetadata(metadata.SESSION_START_INFO_TAG).plugin_data.content
+    )
+    values = {k: json_format.MessageToDict(v) for k, v in start.hparams.items()}
+    assert values["learning_rate"] == config.learning_rate and values["batch_size"] == config.batch_size
+    assert values["mirrored_devices"] == str(config.mirrored_devices) and set(values) == set(config.to_json())
+    experiment = metadata.parse_experiment_plugin_data(acc.SummaryMetadata(metadata.EXPERIMENT_TAG).plugin_data.content)
+    metrics = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
+    assert {("validation", "epoch/top1_error"), ("eval", "top1_error_10crop")} <= metrics
+    for split, tag in metrics & {("validation", "epoch/top1_error"), ("eval", "top1_error_10crop")}:
+        assert _scalars(os.path.join(config.model_dir, split), tag)  # Each metric names a scalar the run wrote.
+    assert _scalars(os.path.join(config.model_dir, "eval"), "top1_error_10crop")[6] == pytest.approx(
+        result["top1_error"]
+    )

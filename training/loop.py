@@ -314,6 +314,8 @@ class Run:
         self.drops = int(self.state.drops.numpy())
         if self.chief:
             summaries.truncate_after(self.config.model_dir, self.step)  # Points of a killed run after it.
+            if not self.step:  # A new run: its settings once, for comparing runs in TensorBoard.
+                self.writers.hparams(self.config.model_dir, self.config.to_json())
         self.metrics = summaries.StepMetrics(self.state.epoch_sums.numpy())
         epochs_steps = [self.steps_in_epoch(e) for e in range(self.config.epochs)]
         self.progress = summaries.Progress(

@@ -3,7 +3,8 @@
 TensorBoard (under model_dir): `train/` every log interval (loss, top-1/top-5 error, learning rate, images/s,
 step time) and every epoch (its errors, weight histograms, gradient norms per layer, conv1's kernels as in
 Figure 3, a grid of augmented inputs); `validation/` every epoch; `eval/` the final evaluation. Every point is
-indexed by the global step.
+indexed by the global step. model_dir itself holds the run's settings for the HParams dashboard, which lists the
+runs below a --logdir side by side with their final errors (HPARAM_METRICS).
 """
 
 import contextlib
@@ -18,6 +19,11 @@ from tensorflow.core.util import event_pb2
 from training import checks
 
 SPLITS = ("train", "validation", "eval")
+# What the HParams dashboard shows beside each run's settings: (the split's folder, the scalar's tag). A metric's
+# value there is its last point: the last epoch's, or the final evaluation's.
+HPARAM_METRICS = [("validation", f"epoch/{k}") for k in ("top1_error", "top5_error", "loss")]
+HPARAM_METRICS += [("train", "epoch/loss")]
+HPARAM_METRICS += [("eval", f"{k}_{crops}crop") for crops in (10, 1) for k in ("top1_error", "top5_error")]
 
 
 def to_displayable(images):
@@ -78,6 +84,22 @@ class Writers:
             tf.summary.image("conv1_filters", filter_grid(conv1_kernels(model.net)))
             augmented = to_displayable(model.preprocess(inputs, training=True, seed=seed))
             tf.summary.image("inputs/augmented", grid(augmented, columns=4, gap=2))
+
+    @staticmethod
+    def hparams(model_dir, settings):
+        """The run's settings ({name: value}) for the HParams dashboard, in model_dir itself: once, by a run that
+        starts at step 0 (one killed before its first checkpoint writes them again, in place of the first)."""
+        from tensorboard.plugins.hparams import api as hp
+
+        for path in tf.io.gfile.glob(os.path.join(model_dir, "events.out.tfevents.*")):
+            tf.io.gfile.remove(path)
+        values = {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in settings.items()}
+        writer = tf.summary.create_file_writer(model_dir)
+        with writer.as_default():
+            metrics = [hp.Metric(tag, group=split) for split, tag in HPARAM_METRICS]
+            hp.hparams_config(hparams=[hp.HParam(k) for k in values], metrics=metrics)
+            hp.hparams(values, trial_id=os.path.basename(os.path.normpath(model_dir)))
+        writer.flush()
 
     def flush(self):
         for writer in self.writers.values():
