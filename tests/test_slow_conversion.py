@@ -59,8 +59,9 @@ def test_the_dask_runner_on_a_local_cluster_writes_the_direct_runners_bytes(demo
 
 def test_workers_with_only_what_setup_py_installs_run_the_jobs_steps(demo_raw, tmp_path):
     """What --setup_file gives Dataflow's workers: this package and its install_requires over Beam with its GCP
-    extra (the workers' container has them): no tensorflow-datasets, no extras of ours, nothing from the launching
-    machine; gs:// paths resolve to Beam's GCS file system."""
+    extra (the workers' container has them): no extras of ours, nothing from the launching machine; gs:// paths
+    resolve to Beam's GCS file system. tensorflow-datasets comes with install_requires: the last step writes TFDS's
+    metadata."""
     venv, source = tmp_path / "venv", tmp_path / "source"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:  # The checkout as the launcher ships it (pip builds in the source folder).
@@ -72,7 +73,7 @@ def test_workers_with_only_what_setup_py_installs_run_the_jobs_steps(demo_raw, t
     subprocess.run(install, check=True, cwd=tmp_path, timeout=1800)
     code = textwrap.dedent(f"""
         import importlib.util, sys
-        assert importlib.util.find_spec("tensorflow_datasets") is None
+        assert importlib.util.find_spec("pytest") is None  # None of the test extra.
         import apache_beam as beam
         from apache_beam.io.filesystems import FileSystems
         assert type(FileSystems.get_filesystem("gs://bucket/x")).__name__ == "GCSFileSystem"
@@ -83,10 +84,12 @@ def test_workers_with_only_what_setup_py_installs_run_the_jobs_steps(demo_raw, t
             _ = p | transforms.ConvertImageNet(conversion.Config(input_dir={demo_raw!r},
                 output_dir={str(tmp_path / "out")!r}, train_shards=2, validation_shards=1, val_labels=labels))
         print(open({str(tmp_path / "out" / "summary.json")!r}).read())
+        print(sorted(__import__("os").listdir({str(tmp_path / "out")!r})))
     """)
     result = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"written": 20' in result.stdout  # The demo set's 2 validation images of each of 10 classes.
+    assert "'dataset_info.json'" in result.stdout and "'features.json'" in result.stdout
 
 
 def test_tars_converted_by_two_local_workers_lose_nothing(tmp_path):
