@@ -6,6 +6,7 @@ bytes, and the final step moves what is still staged and keeps what an earlier a
 import io
 import json
 import os
+import pathlib
 import shutil
 import tempfile
 import uuid
@@ -132,9 +133,9 @@ def tfds_files(wnids, class_names, summary):
             dataset_name=TFDS_NAME,
             filetype_suffix="tfrecord",
         )
-        for split in SPLITS:  # TFDS looks for the shards' names; empty stand-ins are enough.
-            for name in shard_names({split: summary[split]["shards"]}):
-                open(os.path.join(folder, name), "wb").close()
+        shards = shard_names({split: summary[split]["shards"] for split in SPLITS})
+        for name in shards:  # TFDS looks for the shards' names; empty stand-ins are enough.
+            open(os.path.join(folder, name), "wb").close()
         splits = [
             tfds.core.SplitInfo(
                 name=split,
@@ -153,9 +154,7 @@ def tfds_files(wnids, class_names, summary):
             description="ILSVRC-2012 as 256x256 JPEGs (§2), converted by pipeline.build_tfrecords.",
             metadata=tfds.core.MetadataDict(class_names={w: class_names.get(w, "") for w in wnids}),
         )
-        written = set(shard_names({split: summary[split]["shards"] for split in SPLITS}))
-        names = sorted(set(os.listdir(folder)) - written)
-        return {name: open(os.path.join(folder, name), "rb").read() for name in names}
+        return {name: pathlib.Path(folder, name).read_bytes() for name in sorted(set(os.listdir(folder)) - set(shards))}
 
 
 def write_small_files(output_dir, *, summary, pixel_stats, labels, rejected, tfds_metadata):

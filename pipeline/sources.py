@@ -246,8 +246,7 @@ def kaggle_top(input_dir):
 
 def _beside(input_dir, names):
     """The first of these files in input_dir, or at the top of Kaggle's copy; None when there is none."""
-    folders = [input_dir] + ([kaggle_top(input_dir)] if kaggle_top(input_dir) else [])
-    for folder in folders:
+    for folder in filter(None, (input_dir, kaggle_top(input_dir))):
         for name in names:
             if FileSystems.exists(FileSystems.join(folder, name)):
                 return FileSystems.join(folder, name)
