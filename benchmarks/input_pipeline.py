@@ -35,7 +35,8 @@ from PIL import Image
 
 from pipeline import demo_data, example_spec, images
 from pipeline import input as data_input
-from training import devices, loop, recipe
+from training import devices, recipe
+from training import step as train_step
 
 # 1,024 records a shard, as ImageNet's 1,024 training shards hold ~1,250: a group of shards (the unit the reader
 # shuffles and the service deals out) is then as long as on ImageNet, and an epoch many times a consumer's buffers.
@@ -178,12 +179,8 @@ def step_rates(files, sizes, rounds):
     strategy = devices.make_strategy(config)
     stats = {"mean_image": np.full((256, 256, 3), 120.0), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
     with strategy.scope():
-        from model import classifier
-
-        model = classifier.build_classifier(1000, stats, image_size=256, crop_size=224, lighting_std=0.1)
-        optimizer = loop.make_optimizer(config)
-        optimizer.build(model.trainable_variables)
-    step = loop.make_train_step(model, optimizer, strategy, config)
+        model, optimizer = train_step.build_model(config, 1000, stats)
+    step = train_step.make_train_step(model, optimizer, strategy, config)
     batch = next(iter(data_input.train_dataset(files, sizes, seed=0, epoch=0, batch_size=_BATCH.value)))
     sources = {
         "synthetic": lambda: tf.data.Dataset.from_tensors(batch).repeat(),
@@ -202,8 +199,8 @@ def step_rates(files, sizes, rounds):
             for i in range(_STEPS.value):
                 metrics = step(iterator, tf.constant(i, tf.int64), tf.constant(0.0))
                 if name == SYNCED:
-                    metrics.numpy()
-            metrics.numpy()
+                    float(metrics["loss"])
+            float(metrics["loss"])
             images = _STEPS.value * _BATCH.value
             if round_:
                 ms = 1000 * (time.process_time() - cpu) / images

@@ -16,7 +16,7 @@ from pipeline import demo_data, images
 from pipeline import input as data_input
 from tests.helpers import TWO_DEVICES, photos_dir, run
 from tools import serving, similarity
-from training import checkpoints, checks, devices, evaluation
+from training import checkpoints, checks, evaluation
 
 QUIET = ("WARNING", "I0000", "E0000", "W0000", "To enable", "INFO")
 
@@ -85,7 +85,7 @@ def test_evaluate_gives_the_same_errors_under_every_strategy(trained_run):
     sizes = data_input.shard_sizes(data, data_input.load_summary(config.data_dir), "validation")
     results = []
     for strategy, tower_devices in (("mirrored", ()), ("towers", TWO_DEVICES)):
-        made = devices.strategy_for(strategy, TWO_DEVICES if strategy == "mirrored" else (), tower_devices)
+        made = checks.strategy_for(strategy, TWO_DEVICES if strategy == "mirrored" else (), tower_devices)
         with made.scope():
             model, settings, labels, _ = checkpoints.restore_classifier(
                 config.model_dir, tower_devices=tower_devices or None

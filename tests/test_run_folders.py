@@ -10,7 +10,8 @@ import tensorflow as tf
 from pipeline import input as data_input
 from tests.helpers import tiny_run_config
 from tools import serving, similarity
-from training import checkpoints, devices, evaluation, loop
+from training import checkpoints, checks, evaluation, loop, recipe
+from training.position import Position
 
 
 def _copy_tree(source, destination):
@@ -39,7 +40,7 @@ def test_a_run_evaluated_exported_and_searched_in_memory_leaves_nothing_on_the_l
     model, settings, labels, path = checkpoints.restore_classifier("ram://run", "best")
     files = data_input.shard_files("ram://data", "validation")
     sizes = data_input.shard_sizes(files, data_input.load_summary("ram://data"), "validation")
-    strategy = devices.strategy_for("mirrored", ("/device:CPU:0",))
+    strategy = checks.strategy_for("mirrored", ("/device:CPU:0",))
     again = evaluation.evaluate(model, strategy, files, sizes, batch_size=16, image_size=64, crops=1, labels=labels)
     assert path == "ram://run/best/ckpt-3" and again["top1_error"] == result["top1_error"]
     checkpoints.write_file("ram://run/evaluation.json", str(again["top1_error"]))
@@ -69,12 +70,11 @@ def test_a_worker_that_is_not_the_chief_deletes_its_checkpoints_wherever_they_ar
     copies are deleted through TensorFlow's file system, which reaches a bucket (shutil.rmtree would not)."""
     model = tf.Module()
     model.weights = tf.Variable(np.ones(3))
-    saved = checkpoints.RunCheckpoints(
-        "ram://workers", 2, model=model, optimizer=tf.Module(), state=tf.Module(), worker=1
-    )
-    saved.save(7, best=True)
+    config = recipe.Config(model_dir="ram://workers", keep_checkpoints=2)
+    saved = checkpoints.RunCheckpoints(config, model=model, optimizer=tf.Module(), worker=1)
+    saved.save(Position(step=7), best=True)
     assert not tf.io.gfile.exists("ram://workers/.worker-1")
-    chief = checkpoints.RunCheckpoints("ram://workers", 2, model=model, optimizer=tf.Module(), state=tf.Module())
-    chief.save(7, best=True)
+    chief = checkpoints.RunCheckpoints(config, model=model, optimizer=tf.Module())
+    chief.save(Position(step=7), best=True)
     assert tf.train.latest_checkpoint("ram://workers/checkpoints") == "ram://workers/checkpoints/ckpt-7"
     assert tf.train.latest_checkpoint("ram://workers/best") == "ram://workers/best/ckpt-7"

@@ -13,6 +13,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from model import classifier
 from tests.helpers import TWO_DEVICES, tiny_run_config
 from training import checkpoints, checks, devices, evaluation, loop, recipe
+from training import step as train_step
+from training.position import METRICS
 
 STATS = {"mean_image": np.full((72, 72, 3), 120.0), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
 
@@ -102,7 +104,7 @@ def test_a_run_stopped_again_and_again_resumes_exactly_where_its_checkpoints_wer
     assert stopped.value.step == 5 and checkpoints.resolve(config.model_dir, "latest").endswith("ckpt-5")
     assert signal.getsignal(signal.SIGTERM) is handler  # Given back: the process is not left deaf to SIGTERM.
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "final_evaluation", lambda run: (_ for _ in ()).throw(Stopped("in evaluation")))
+        patch.setattr(loop, "final_evaluation", lambda run, position: (_ for _ in ()).throw(Stopped("in evaluation")))
         steps = Steps()
         with pytest.raises(Stopped):
             loop.train(config, before_step=steps)
@@ -243,7 +245,7 @@ def _step_on_replicas(strategy, model, step, images):
 
     @tf.function
     def run():
-        return strategy.run(lambda: loop.forward(model, images, step, seed=0))
+        return strategy.run(lambda: train_step.forward(model, images, step, seed=0))
 
     return [t.numpy() for t in strategy.experimental_local_results(run())]
 
@@ -262,26 +264,32 @@ def test_each_replica_draws_its_own_dropout_masks_and_augmentation():
     net = model.net  # Dropout alone (no crops: the same input to fc6 on both replicas) differs too.
     x = tf.random.normal((2, 64, 64, 3), stddev=50.0)
     masks = strategy.run(
-        tf.function(lambda: net(x, training=True, seed=loop.replica_seed(0, tf.constant(7, tf.int64))))
+        tf.function(lambda: net(x, training=True, seed=train_step.replica_seed(0, tf.constant(7, tf.int64))))
     )
     a, b = (t.numpy() for t in strategy.experimental_local_results(masks))
     assert not np.allclose(a, b)
 
 
+def _step_config(**overrides):
+    """A step's settings for 4 classes of 72x72 images (STATS) in batches of 8."""
+    return recipe.Config(batch_size=8, image_size=72, crop_size=64, learning_rate=0.01, weight_std=0.02, **overrides)
+
+
+def _vector(metrics):
+    """A step's named metrics as a vector, in METRICS order."""
+    return np.array([float(metrics[name]) for name in METRICS])
+
+
 def _tiny_step(strategy, precision="float32", tower_devices=None):
-    config = recipe.Config(batch_size=8, precision=precision, learning_rate=0.01, weight_std=0.02)
+    config = _step_config(precision=precision, tower_devices=tuple(tower_devices or ()))
     with strategy.scope():
-        model = classifier.build_classifier(
-            4, STATS, image_size=72, crop_size=64, lighting_std=0.1, precision=precision, tower_devices=tower_devices
-        )
-        optimizer = loop.make_optimizer(config)
-        optimizer.build(model.trainable_variables)
+        model, optimizer = train_step.build_model(config, 4, STATS)
     rng = np.random.default_rng(0)
     data = (rng.integers(0, 256, (8, 72, 72, 3), dtype=np.uint8), rng.integers(0, 4, 8).astype(np.int32))
     dataset = strategy.distribute_datasets_from_function(
         lambda ctx: tf.data.Dataset.from_tensors(data).unbatch().batch(ctx.get_per_replica_batch_size(8)).repeat()
     )
-    return model, optimizer, loop.make_train_step(model, optimizer, strategy, config), iter(dataset)
+    return model, optimizer, train_step.make_train_step(model, optimizer, strategy, config), iter(dataset)
 
 
 def test_a_compiled_step_trains_as_the_op_by_op_step_with_each_replicas_own_draws():
@@ -290,19 +298,17 @@ def test_a_compiled_step_trains_as_the_op_by_op_step_with_each_replicas_own_draw
     strategy = tf.distribute.MirroredStrategy(list(TWO_DEVICES), cross_device_ops=tf.distribute.ReductionToOneDevice())
     weights, metrics = {}, {}
     for jit in (False, True):
-        config = recipe.Config(batch_size=8, learning_rate=0.01, weight_std=0.02, jit_compile=jit)
+        config = _step_config(jit_compile=jit)
         keras.utils.set_random_seed(0)
         with strategy.scope():
-            model = classifier.build_classifier(4, STATS, image_size=72, crop_size=64, lighting_std=0.1)
-            optimizer = loop.make_optimizer(config)
-            optimizer.build(model.trainable_variables)
+            model, optimizer = train_step.build_model(config, 4, STATS)
         rng = np.random.default_rng(0)
         data = (rng.integers(0, 256, (8, 72, 72, 3), dtype=np.uint8), rng.integers(0, 4, 8).astype(np.int32))
         dataset = strategy.distribute_datasets_from_function(
             lambda ctx, d=data: tf.data.Dataset.from_tensors(d).unbatch().batch(4).repeat()
         )
-        step, iterator = loop.make_train_step(model, optimizer, strategy, config), iter(dataset)
-        metrics[jit] = [step(iterator, tf.constant(i, tf.int64), tf.constant(0.0)).numpy() for i in range(3)]
+        step, iterator = train_step.make_train_step(model, optimizer, strategy, config), iter(dataset)
+        metrics[jit] = [_vector(step(iterator, tf.constant(i, tf.int64), tf.constant(0.0))) for i in range(3)]
         weights[jit] = [w.numpy() for w in model.trainable_weights]
     np.testing.assert_allclose(metrics[True], metrics[False], rtol=1e-4)
     for compiled, op_by_op in zip(weights[True], weights[False], strict=True):
@@ -315,8 +321,8 @@ def test_each_precision_trains_with_float32_weights_and_loss_scaling_for_float16
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
     before = [w.numpy().copy() for w in model.trainable_weights]
     for i in range(2):
-        metrics = step(iterator, tf.constant(i, tf.int64), tf.constant(0.0)).numpy()
-    assert np.isfinite(metrics).all() and metrics[3] == 8
+        metrics = step(iterator, tf.constant(i, tf.int64), tf.constant(0.0))
+    assert np.isfinite(_vector(metrics)).all() and metrics["images"] == 8
     assert all(w.dtype == "float32" for w in model.trainable_weights)
     changed = [not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights, strict=True)]
     assert all(changed), [w.path for w, c in zip(model.trainable_weights, changed, strict=True) if not c]
@@ -328,22 +334,20 @@ def test_from_a_data_service_a_step_some_replica_has_no_batch_for_ends_the_epoch
     # Not collectives: a second strategy's collective all-reduce in one process collides with the training
     # fixture's (tensorflow/tensorflow#62790, "Shape mismatch in the collective instance 100").
     strategy = tf.distribute.MirroredStrategy(list(TWO_DEVICES), cross_device_ops=tf.distribute.ReductionToOneDevice())
-    config = recipe.Config(batch_size=8, learning_rate=0.01, weight_std=0.02, data_service="grpc://the-service")
+    config = _step_config(data_service="grpc://the-service")
     with strategy.scope():
-        model = classifier.build_classifier(4, STATS, image_size=72, crop_size=64, lighting_std=0.1)
-        optimizer = loop.make_optimizer(config)
-        optimizer.build(model.trainable_variables)
+        model, optimizer = train_step.build_model(config, 4, STATS)
     rng = np.random.default_rng(0)
     data = (rng.integers(0, 256, (12, 72, 72, 3), dtype=np.uint8), rng.integers(0, 4, 12).astype(np.int32))
     dataset = strategy.distribute_datasets_from_function(lambda ctx: tf.data.Dataset.from_tensor_slices(data).batch(4))
-    step, iterator = loop.make_service_step(model, optimizer, strategy, config), iter(dataset)
-    assert step(iterator, tf.constant(0, tf.int64), tf.constant(0.0)).numpy()[3] == 8
+    step, iterator = train_step.make_service_step(model, optimizer, strategy, config), iter(dataset)
+    assert step(iterator, tf.constant(0, tf.int64), tf.constant(0.0))["images"] == 8
     trained = [w.numpy().copy() for w in model.trainable_weights]
-    np.testing.assert_array_equal(step(iterator, tf.constant(1, tf.int64), tf.constant(1.0)).numpy(), np.zeros(5))
+    np.testing.assert_array_equal(_vector(step(iterator, tf.constant(1, tf.int64), tf.constant(1.0))), np.zeros(5))
     for before, after in zip(trained, model.trainable_weights, strict=True):
         np.testing.assert_array_equal(before, after.numpy())
     np.testing.assert_array_equal(
-        step(iterator, tf.constant(2, tf.int64), tf.constant(0.0)).numpy(), np.zeros(5)
+        _vector(step(iterator, tf.constant(2, tf.int64), tf.constant(0.0))), np.zeros(5)
     )  # Ended.
 
 

@@ -17,11 +17,13 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-import train
 from model import lrn
 from pipeline import input as data_input
-from training import checks, devices, loop, recipe
+from training import checks, devices, recipe
+from training import flags as run_flags
+from training import step as train_step
 
+run_flags.define()  # train.py's flags: the same command line checks what it would run.
 _STEPS = flags.DEFINE_integer("check_steps", 5, "Training steps timed (after one to warm up).", lower_bound=1)
 _BATCHES = flags.DEFINE_integer("check_batches", 20, "Batches the reader is timed on (after two).", lower_bound=1)
 
@@ -71,7 +73,7 @@ def step_runs(device, config, data):
     """Whether a compiled training step (forward, backward, the update; XLA with --jit_compile) runs on `device`
     and gives a finite loss."""
     with tf.device(device):
-        model, optimizer = loop.build_model(config, data, tower_devices=False)
+        model, optimizer = train_step.build_model(config, len(data.labels), data.stats, tower_devices=False)
         images = tf.zeros((2, config.image_size, config.image_size, 3), tf.uint8)
 
         @tf.function(jit_compile=config.jit_compile)  # As train.py compiles it: XLA with --jit_compile.
@@ -109,8 +111,8 @@ def all_reduce_seconds(strategy, shapes, repeats=3):
 def step_rate(strategy, config, data, steps):
     """Images/s of training steps as train.py takes them, fed one real batch over and over (the step alone)."""
     with strategy.scope():
-        model, optimizer = loop.build_model(config, data)
-    step = loop.make_train_step(model, optimizer, strategy, config)
+        model, optimizer = train_step.build_model(config, len(data.labels), data.stats)
+    step = train_step.make_train_step(model, optimizer, strategy, config)
     files, sizes = data.files["train"], data.sizes["train"]
     per_replica = config.batch_size // strategy.num_replicas_in_sync
     batch = next(
@@ -123,7 +125,7 @@ def step_rate(strategy, config, data, steps):
     dataset = strategy.distribute_datasets_from_function(lambda _: tf.data.Dataset.from_tensors(batch).repeat())
     iterator = iter(dataset)
     zero = tf.constant(0.0)
-    seconds = _timed(lambda: step(iterator, tf.constant(0, tf.int64), zero).numpy(), steps)
+    seconds = _timed(lambda: float(step(iterator, tf.constant(0, tf.int64), zero)["loss"]), steps)
     shapes = [v.shape for v in model.trainable_variables]
     return config.batch_size / seconds, shapes
 
@@ -224,7 +226,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     devices.split_cpu(flags.FLAGS.cpu_devices)  # Before TensorFlow starts its runtime.
-    config = train.config_from_flags()
+    config = run_flags.config()
     try:
         problems = check(config, _STEPS.value, _BATCHES.value)
     except (checks.ConfigError, checks.DataError) as e:

@@ -53,7 +53,7 @@ def main(argv):
     devices.split_cpu(_CPU_DEVICES.value)
     try:
         settings, labels = checkpoints.run_settings(_MODEL_DIR.value)
-        strategy = devices.strategy_for(_STRATEGY.value, _MIRRORED_DEVICES.value, _TOWER_DEVICES.value)
+        strategy = checks.strategy_for(_STRATEGY.value, _MIRRORED_DEVICES.value, _TOWER_DEVICES.value)
         batch_size = _BATCH_SIZE.value or settings["batch_size"]
         checks.check_batch(recipe.Config(batch_size=batch_size), strategy.num_replicas_in_sync)
         data_dir = _DATA_DIR.value or settings["data_dir"]

@@ -5,6 +5,7 @@ before the training loop kept TensorFlow checkpoints)."""
 import json
 import os
 import re
+import time
 
 import h5py
 import numpy as np
@@ -12,6 +13,7 @@ import tensorflow as tf
 
 from model import classifier
 from pipeline import input as data_input
+from training.position import TrainState
 
 CHECKPOINTS = "checkpoints"  # The latest few, with everything a resumed run needs.
 BEST = "best"  # The weights of the epoch with the lowest validation top-1 error.
@@ -28,33 +30,46 @@ _LEGACY_OTHER = {
 
 
 class RunCheckpoints:
-    """checkpoints/ (the latest few: weights, momentum and the run's state, all a resumed run needs) and best/
-    (the weights of the best validation epoch). Under several workers each one saves (saving may need them all);
-    only the chief's are kept (TensorFlow's guide), the others save to a folder of their own and delete it."""
+    """checkpoints/ (the latest few: weights, momentum and the run's Position, all a resumed run needs) and best/
+    (the weights of the best validation epoch), saved when config's intervals say. Under several workers each one
+    saves (saving may need them all); only the chief's are kept (TensorFlow's guide), the others save to a folder
+    of their own and delete it."""
 
-    def __init__(self, model_dir, keep, *, model, optimizer, state, worker=None):
-        self.model_dir = model_dir
-        self.work_dir = model_dir if worker is None else os.path.join(model_dir, f".worker-{worker}")
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, state=state)
+    def __init__(self, config, *, model, optimizer, worker=None):
+        self.model_dir, self.config = config.model_dir, config
+        self.work_dir = self.model_dir if worker is None else os.path.join(self.model_dir, f".worker-{worker}")
+        self.state = TrainState()
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, state=self.state)
         folder = os.path.join(self.work_dir, CHECKPOINTS)
-        self.latest = tf.train.CheckpointManager(self.checkpoint, folder, max_to_keep=keep)
+        self.latest = tf.train.CheckpointManager(self.checkpoint, folder, max_to_keep=config.keep_checkpoints)
         best = os.path.join(self.work_dir, BEST)
         self.best = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), best, max_to_keep=1)
+        self.last_save = time.monotonic()
 
     def restore(self):
-        """Loads the chief's latest checkpoint, if there is one; returns whether there was."""
+        """Loads the chief's latest checkpoint, if there is one; returns the Position it holds (step 0 if none)."""
         latest = tf.train.latest_checkpoint(os.path.join(self.model_dir, CHECKPOINTS))
         if latest is not None:
             self.checkpoint.restore(latest).assert_consumed()
-        return latest is not None
+        return self.state.read()
 
-    def save(self, step, best=False):
-        """best/ first: a run killed between the two saves redoes the epoch and saves best/ again."""
+    def due(self, step):
+        """Whether a periodic checkpoint falls after `step` (every N steps, or N minutes since the last save)."""
+        every = self.config.checkpoint_every_steps
+        if every and step % every == 0:
+            return True
+        return time.monotonic() - self.last_save > 60 * self.config.checkpoint_every_minutes
+
+    def save(self, position, best=False):
+        """A checkpoint of the run at `position`; best/ first: a run killed between the two saves redoes the
+        epoch and saves best/ again."""
+        self.state.write(position)
         if best:
-            self.best.save(checkpoint_number=step)
-        self.latest.save(checkpoint_number=step)
+            self.best.save(checkpoint_number=position.step)
+        self.latest.save(checkpoint_number=position.step)
         if self.work_dir != self.model_dir:
             tf.io.gfile.rmtree(self.work_dir)  # On an object store too (shutil would not reach it).
+        self.last_save = time.monotonic()
 
 
 def write_file(path, text):

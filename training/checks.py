@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from pipeline import example_spec
 from pipeline import input as data_input
-from training import recipe
+from training import devices, recipe
 
 
 class ConfigError(ValueError):
@@ -30,6 +30,20 @@ class Data:
     sizes: dict  # split -> images per shard (np.int64)
     stats: dict  # mean_image (at the decode size), eigenvalues, eigenvectors
     labels: list  # [(wnid, name)] in label order
+
+
+def check_run(config, strategy):
+    """Every check of a run's settings against this machine, its data and its folder, in the order a user would
+    fix them; returns the data, loaded (check_config first: the strategy is made from checked settings)."""
+    check_devices(config)
+    if config.strategy != "towers":
+        check_accelerators(config, strategy.extended.worker_devices)
+    check_batch(config, strategy.num_replicas_in_sync)
+    data = load_data(config)
+    check_resume(config, config.model_dir)
+    workers = strategy.num_replicas_in_sync // devices.local_replicas(strategy)
+    check_shared_model_dir(config.model_dir, strategy, devices.worker_index(strategy), workers)
+    return data
 
 
 def check_config(config):
@@ -247,3 +261,14 @@ def data_error(files, split, error, where):
 def finite(values, what):
     if not np.all(np.isfinite(values)):
         raise FloatingPointError(what)
+
+
+def strategy_for(strategy, mirrored_devices=(), tower_devices=()):
+    """The strategy training would use with these settings, checked as training checks them."""
+    config = recipe.Config(
+        strategy=strategy, mirrored_devices=tuple(mirrored_devices), tower_devices=tuple(tower_devices)
+    )
+    check_config(config)
+    made = devices.make_strategy(config)
+    check_devices(config)
+    return made

@@ -3,8 +3,6 @@ that evaluate a trained run."""
 
 import tensorflow as tf
 
-from training import checks, recipe
-
 
 def split_cpu(cpu_devices):
     """Splits the CPU into logical devices (a stand-in for several accelerators); before TensorFlow starts."""
@@ -88,14 +86,3 @@ def local_replicas(strategy):
     if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
         return 1  # The default strategy (towers on two devices): one replica.
     return len(strategy.extended.worker_devices)
-
-
-def strategy_for(strategy, mirrored_devices=(), tower_devices=()):
-    """The strategy training would use with these settings, checked as training checks them."""
-    config = recipe.Config(
-        strategy=strategy, mirrored_devices=tuple(mirrored_devices), tower_devices=tuple(tower_devices)
-    )
-    checks.check_config(config)
-    made = make_strategy(config)
-    checks.check_devices(config)
-    return made

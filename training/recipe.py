@@ -6,6 +6,9 @@ import math
 import keras
 import tensorflow as tf
 
+from model import alexnet, augment
+from pipeline import example_spec
+
 STRATEGIES = ("mirrored", "towers", "multi_worker")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # auto: NCCL over GPUs; over CPU devices TensorFlow's own choice (one device's sum; a ring across workers).
@@ -14,49 +17,70 @@ LR_SCALINGS = ("none", "linear")
 PAPER_BATCH = 128  # §5: the batch its learning rate was set for.
 
 
+def _setting(default, help, **flag):
+    """A Config field and the flag it becomes (training/flags.py): its help, and choices or required=True."""
+    return dataclasses.field(default=default, metadata={"help": help, **flag})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a training run depends on. The defaults are the paper's (§4-§5), the one place they live:
-    train.py's flags default from them."""
+    """Everything a training run depends on. The defaults are the paper's (§4-§5) and each setting's help is here,
+    once: train.py's flags are made from these fields (training/flags.py)."""
 
-    data_dir: str = ""
-    model_dir: str = ""
+    data_dir: str = _setting("", "Folder with the shards, stats.npz and summary.json.", required=True)
+    model_dir: str = _setting("", "Where logs and checkpoints go.", required=True)
     # §5: SGD on batches of 128, momentum 0.9, weight decay 0.0005 inside the update, lr 0.01 divided by 10 when
-    # the validation error stops improving (three times), ~90 epochs; weights N(0, 0.01).
-    epochs: int = 90
-    batch_size: int = 128
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    lr_drops: int = 3
-    lr_patience: int = 5  # §5 does not say how long "stopped improving" is: epochs without a new best.
-    warmup_steps: int = 0  # Not in the paper: a short run with few classes, or a large batch, needs it (README).
+    # the validation error stops improving (three times), ~90 epochs.
+    epochs: int = _setting(90, "Passes over the training set (§5: roughly 90).")
+    batch_size: int = _setting(PAPER_BATCH, "Global batch size, split over the replicas (§5).")
+    learning_rate: float = _setting(0.01, "Initial learning rate (§5).")
+    momentum: float = _setting(0.9, "SGD momentum (§5).")
+    weight_decay: float = _setting(0.0005, "Weight decay, as in §5's update rule.")
+    lr_drops: int = _setting(3, "How many times the learning rate is divided by 10 (§5).")
+    # §5 does not say how long "stopped improving" is: epochs without a new best.
+    lr_patience: int = _setting(5, "Epochs without a better validation error per drop.")
+    # Not in the paper: a short run with few classes, or a large batch, needs a warm-up.
+    warmup_steps: int = _setting(0, "Linear learning-rate warm-up; 0 in the paper.")
     # Not in the paper: "linear" multiplies learning_rate by batch_size / 128 (Goyal et al. 2017), for the large
     # batches that keep many GPUs busy; with a warm-up of a few epochs.
-    lr_scaling: str = "none"
-    weight_std: float = 0.01
-    dropout: float = 0.5  # §4.2, on fc6 and fc7.
+    lr_scaling: str = _setting(
+        "none", "linear: --learning_rate x batch_size / 128, for large batches; none: the paper's.", choices=LR_SCALINGS
+    )
+    weight_std: float = _setting(alexnet.WEIGHT_STD, "Std of the N(0, std) weight init (§5).")
+    dropout: float = _setting(alexnet.DROPOUT, "Dropout rate on fc6 and fc7 outputs (§4.2).")
     # §4.1: random 224 crops of the 256 images, mirrored at random, PCA lighting; tested on ten patches.
-    image_size: int = 256
-    crop_size: int = 224
-    lighting_std: float = 0.1
-    eval_crops: int = 10
+    image_size: int = _setting(example_spec.IMAGE_SIZE, "Decode size of the records.", choices=(256, 128, 64))
+    crop_size: int = _setting(augment.CROP_SIZE, "Training crop (§4.1: 224); 112 for a quick 128 run.")
+    lighting_std: float = _setting(augment.LIGHTING_STD, "Std of the PCA lighting alphas (§4.1); 0: off.")
+    eval_crops: int = _setting(10, "Final evaluation: centre or ten (§4.1).", choices=(1, 10))
     # How the run is carried out.
-    precision: str = "float32"
-    jit_compile: bool = False  # Each replica's forward and backward pass as one XLA computation (README, GPUs).
-    seed: int = 0
-    strategy: str = "mirrored"
-    train_on_cpu: bool = False  # mirrored / multi_worker with no GPU in sight: refused unless this says so.
-    all_reduce: str = "auto"
-    mirrored_devices: tuple[str, ...] = ()
-    tower_devices: tuple[str, ...] = ()
-    deterministic: bool = True
-    data_service: str = ""
-    log_every_steps: int = 100
-    checkpoint_every_steps: int = 0
-    checkpoint_every_minutes: float = 10.0
-    keep_checkpoints: int = 3
-    profile_steps: tuple[int, ...] = ()
+    precision: str = _setting("float32", "Keras dtype policy of the network.", choices=PRECISIONS)
+    jit_compile: bool = _setting(False, "Each replica's forward and backward pass as one XLA computation (README).")
+    seed: int = _setting(0, "Seed of the init, the data order and every random draw.")
+    strategy: str = _setting(
+        "mirrored",
+        "mirrored: a replica per device of this machine; towers: the paper's two towers on --tower_devices (§3.2); "
+        "multi_worker: replicas on every machine TF_CONFIG lists.",
+        choices=STRATEGIES,
+    )
+    train_on_cpu: bool = _setting(
+        False, "Train on the CPU when no GPU is visible (mirrored, multi_worker); else refused."
+    )
+    all_reduce: str = _setting(
+        "auto",
+        "The gradients' all-reduce. auto: NCCL over GPUs; mirrored: nccl, hierarchical_copy, one_device; "
+        "multi_worker: nccl, ring.",
+        choices=ALL_REDUCES,
+    )
+    mirrored_devices: tuple[str, ...] = _setting((), "Replicas of --strategy=mirrored; default every GPU.")
+    tower_devices: tuple[str, ...] = _setting((), "The two devices of --strategy=towers, e.g. /gpu:0,/gpu:1.")
+    deterministic: bool = _setting(True, "Decode in order (exact resume, repeatable).")
+    data_service: str = _setting("", "grpc://HOST:PORT of a tf.data service.")
+    log_every_steps: int = _setting(100, "Steps between progress lines and scalars.")
+    checkpoint_every_steps: int = _setting(0, "Steps between checkpoints (0: by time only).")
+    checkpoint_every_minutes: float = _setting(10.0, "Minutes between checkpoints (and one every epoch).")
+    keep_checkpoints: int = _setting(3, "Checkpoints kept in --model_dir/checkpoints.")
+    profile_steps: tuple[int, ...] = _setting((), "FIRST,LAST: write a profiler trace of these steps.")
 
     # What a resumed run may change: how it is watched and kept, and how long it goes on.
     RESUMABLE_CHANGES = (

@@ -16,8 +16,6 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
-from training import checks
-
 SPLITS = ("train", "validation", "eval")
 # What the HParams dashboard shows beside each run's settings: (the split's folder, the scalar's tag). A metric's
 # value there is its last point: the last epoch's, or the final evaluation's.
@@ -140,8 +138,9 @@ class Progress:
         self.total_steps, self.epochs, self.batch_size, self.enabled = total_steps, epochs, batch_size, enabled
         self.last_time, self.last_step = time.perf_counter(), start_step
 
-    def step(self, step, epoch, epoch_step, epoch_steps, metrics):
+    def step(self, position, epoch_steps, metrics):
         """Prints a progress line; returns images/s and the step time since the previous one."""
+        step, epoch, epoch_step = position.step, position.epoch, position.epoch_step
         now = time.perf_counter()
         seconds_per_step = (now - self.last_time) / max(step - self.last_step, 1)
         self.last_time, self.last_step = now, step
@@ -168,25 +167,6 @@ class Progress:
             )
 
 
-class StepMetrics:
-    """Metrics of the steps since the last log line, fetched from the device only then (no sync every step), and
-    the epoch's sums so far."""
-
-    def __init__(self, epoch_sums):
-        self.pending, self.epoch = [], np.array(epoch_sums, dtype=np.float64)
-
-    def add(self, metrics):
-        self.pending.append(metrics)
-
-    def collect(self, step):
-        """Mean loss and errors of the pending steps; raises when the loss stopped being a number."""
-        sums = np.sum([m.numpy()[:4] for m in self.pending], axis=0) if self.pending else np.zeros(4)
-        steps, self.pending = len(self.pending), []
-        checks.finite(sums, f"the loss is not a number at step {step}: lower --learning_rate (or add --warmup_steps)")
-        self.epoch += sums
-        return {**mean_metrics(sums), "steps": steps}
-
-
 class Profiler:
     """A trace of the steps profile_steps (FIRST, LAST) names, for TensorBoard's profile pages; a run resumed
     inside the window traces the steps it still takes there."""
@@ -210,7 +190,7 @@ class Profiler:
 
 
 def mean_metrics(sums):
-    """[loss sum, top-1 misses, top-5 misses, images] summed over steps -> means."""
+    """position.SUMS (loss sum, top-1 misses, top-5 misses, images) summed over steps -> means."""
     loss, top1, top5, images = (float(v) for v in np.asarray(sums))
     images = max(images, 1.0)
     return {"loss": loss / images, "top1_error": top1 / images, "top5_error": top5 / images}

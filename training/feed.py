@@ -1,0 +1,122 @@
+"""Where a run's training batches come from, in two forms with one interface: each worker's own planned reader
+(pipeline/input.py), or a tf.data service's workers. The loop asks a feed for an epoch's steps, its batches and the
+step that consumes them, and does not know which form it has."""
+
+import contextlib
+import hashlib
+import threading
+
+from pipeline import input as data_input
+from pipeline import service
+from training import devices, step
+
+
+def make_feed(config, strategy, data):
+    return (Service if config.data_service else Planned)(config, strategy, data)
+
+
+class Planned:
+    """Each worker reads its own shards: the epoch's order and length are planned from (seed, epoch), and a
+    resumed epoch skips the steps it took."""
+
+    def __init__(self, config, strategy, data):
+        self.config, self.strategy, self.files, self.sizes = config, strategy, data.files["train"], data.sizes["train"]
+        self.local_replicas = devices.local_replicas(strategy)
+        self.pipelines = strategy.num_replicas_in_sync // self.local_replicas  # One input pipeline per worker.
+
+    def steps(self, epoch):
+        """The epoch's planned steps (a tf.data service's epoch may end before them)."""
+        step_size = self.config.batch_size // self.pipelines
+        plan = dict(seed=self.config.seed, epoch=epoch, step_size=step_size, pipelines=self.pipelines)
+        return data_input.epoch_plan(self.sizes, **plan)[1]
+
+    def dataset(self, epoch, skip_steps):
+        config = self.config
+        return self.strategy.distribute_datasets_from_function(
+            lambda ctx: data_input.train_dataset(
+                self.files,
+                self.sizes,
+                seed=config.seed,
+                epoch=epoch,
+                batch_size=ctx.get_per_replica_batch_size(config.batch_size),
+                replicas=self.local_replicas,
+                image_size=config.image_size,
+                pipeline=ctx.input_pipeline_id,
+                pipelines=ctx.num_input_pipelines,
+                skip_steps=skip_steps,
+                deterministic=config.deterministic,
+                **self._service(epoch),
+            )
+        )
+
+    def _service(self, epoch):
+        return {}
+
+    def make_step(self, model, optimizer):
+        return step.make_train_step(model, optimizer, self.strategy, self.config)
+
+    def waiting(self):
+        """Around a step: what watches it while it waits for its batches."""
+        return contextlib.nullcontext()
+
+    def describe(self):
+        return None
+
+    def epoch_report(self, images_trained):
+        """Scalars about the epoch's input, and a line for the console (or None)."""
+        return {}, None
+
+
+class Service(Planned):
+    """A tf.data service's workers read and decode, taking groups of shards as they become free: every image at
+    most once an epoch, whatever the number of workers. The epoch ends at the first step some replica has no batch
+    for (training.step.make_service_step), which trains no images; a resumed run rejoins the epoch where the
+    service is."""
+
+    def __init__(self, config, strategy, data):
+        super().__init__(config, strategy, data)
+        # The job this run's trainers share (one per epoch: the job's name, then -epochN).
+        self.job = f"alexnet-{hashlib.sha1(config.model_dir.encode()).hexdigest()[:12]}"
+
+    def _service(self, epoch):
+        return dict(data_service=self.config.data_service, job=self.job)
+
+    def make_step(self, model, optimizer):
+        return step.make_service_step(model, optimizer, self.strategy, self.config)
+
+    def waiting(self):
+        return ServiceWatch(self.config.data_service)
+
+    def describe(self):
+        return f"Training images from the tf.data service at {self.config.data_service}: job {self.job}-epochN"
+
+    def epoch_report(self, images_trained):
+        """Dynamic sharding delivers each image at most once: what it did not is counted."""
+        planned = int(self.sizes.sum())
+        missed = planned - int(images_trained)
+        line = (
+            f"the tf.data service delivered {int(images_trained)} of the {planned} training images; {missed} missed "
+            "(each service worker's last partial batch, and what a lost worker held)"
+        )
+        return {"epoch/images_missed": missed}, line
+
+
+class ServiceWatch:
+    """Around a step fed by a tf.data service: when it waits for batches longer than service.STALL_SECONDS, the
+    trainer looks for why (no workers, or workers this host cannot reach) and says so, naming the addresses."""
+
+    def __init__(self, dispatcher):
+        self.timer = threading.Timer(service.STALL_SECONDS, self._report, (dispatcher,))
+        self.timer.daemon = True
+
+    @staticmethod
+    def _report(dispatcher):
+        problem = service.diagnose(dispatcher)
+        if problem:
+            print(f"Waiting for batches for {service.STALL_SECONDS} s: {problem}", flush=True)
+
+    def __enter__(self):
+        self.timer.start()
+
+    def __exit__(self, *exc):
+        self.timer.cancel()

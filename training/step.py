@@ -1,0 +1,115 @@
+"""The computation of a training step: the network and §5's optimizer, built once for every caller (the loop,
+tools.check, the benchmarks, the tests), and the step over every replica, returning named metrics."""
+
+import keras
+import tensorflow as tf
+
+from model import classifier, draws
+from training import evaluation, recipe
+from training.position import METRICS
+
+
+def build_model(config, num_classes, stats, tower_devices=True):
+    """The classifier of config's settings and its optimizer, built (in the caller's strategy or device scope).
+    tower_devices=False keeps the towers on the scope's one device."""
+    model = classifier.build_classifier(
+        num_classes,
+        stats,
+        image_size=config.image_size,
+        crop_size=config.crop_size,
+        lighting_std=config.lighting_std,
+        precision=config.precision,
+        tower_devices=(config.tower_devices or None) if tower_devices else None,
+        dropout=config.dropout,
+        weight_std=config.weight_std,
+    )
+    optimizer = make_optimizer(config)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def make_optimizer(config):
+    """§5's update rule; under float16, wrapped in dynamic loss scaling (float16 gradients underflow without it)."""
+    optimizer = recipe.PaperSGD(config.learning_rate, config.momentum, config.weight_decay)
+    return keras.optimizers.LossScaleOptimizer(optimizer) if config.precision == "mixed_float16" else optimizer
+
+
+def replica_seed(seed, step):
+    """The stateless seed of this replica's random draws (crops, flips, lighting, dropout) at `step`: a function
+    of (run seed, step, replica) alone, so replicas draw their own and a resumed run draws the same."""
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    return draws.fold_in(draws.fold_in([seed, 1], step), replica)
+
+
+def forward(model, images, step, seed):
+    """Training-mode float32 logits of this replica's images at `step`."""
+    return tf.cast(model(images, training=True, seed=replica_seed(seed, step)), tf.float32)
+
+
+def distributed_step(model, optimizer, strategy, config):
+    """(batch, step, stop) -> the step on every replica: gradients summed over the replicas, the §5 update on each;
+    returns {METRICS: summed over the replicas} (stop: how many workers were told to stop).
+    With config.jit_compile each replica's forward and backward pass is one XLA computation (the sum over the
+    replicas and the update stay outside it: XLA compiles one device's work)."""
+    variables = model.trainable_variables
+
+    def gradients(images, labels, step):
+        with tf.GradientTape() as tape:
+            logits = forward(model, images, step, config.seed)
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            loss = tf.reduce_sum(losses) / config.batch_size  # Summed over the replicas: the batch's mean.
+            scaled = optimizer.scale_loss(loss)
+        return tape.gradient(scaled, variables), losses, logits
+
+    if config.jit_compile:
+        gradients = tf.function(gradients, jit_compile=True)
+
+    def replica_step(images, labels, step, stop):
+        grads, losses, logits = gradients(images, labels, step)
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        top1, top5 = (tf.reduce_sum(evaluation.top_k_misses(labels, logits, k)) for k in (1, 5))
+        return tf.stack([tf.reduce_sum(losses), top1, top5, tf.cast(tf.size(labels), tf.float32), stop])
+
+    def step_on_replicas(batch, step, stop):
+        summed = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, (*batch, step, stop)), None)
+        return dict(zip(METRICS, tf.unstack(summed), strict=True))
+
+    return step_on_replicas
+
+
+def make_train_step(model, optimizer, strategy, config):
+    """A compiled step over the next batch of every replica; the epoch's plan says how many there are."""
+    step_on_replicas = distributed_step(model, optimizer, strategy, config)
+
+    @tf.function
+    def train_step(iterator, step, stop):
+        return step_on_replicas(next(iterator), step, stop)
+
+    return train_step
+
+
+def make_service_step(model, optimizer, strategy, config):
+    """A compiled step fed by a tf.data service, whose epoch has no planned length: it ends, on every worker at
+    once (zero metrics returned, nothing run), at the first step some replica has no batch for. The service's
+    workers drop their partial batches, and under several trainers another one's prefetching may hold the last
+    ones. Such a step is not run with the empty replicas TensorFlow would pad it with: the loss is scaled for a
+    whole batch, and oneDNN's convolution gives wrongly shaped results on an empty batch."""
+    step_on_replicas = distributed_step(model, optimizer, strategy, config)
+    nothing = lambda: {name: tf.constant(0.0) for name in METRICS}  # noqa: E731
+
+    def every_replica_has_images(batch):
+        empty = strategy.run(lambda labels: tf.cast(tf.size(labels) == 0, tf.float32), (batch[1],))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, empty, None) == 0  # Over every worker's replicas.
+
+    @tf.function
+    def service_step(iterator, step, stop):
+        batch = iterator.get_next_as_optional()
+
+        def whole_step():
+            value = batch.get_value()
+            run = lambda: step_on_replicas(value, step, stop)  # noqa: E731
+            return tf.cond(every_replica_has_images(value), run, nothing)
+
+        return tf.cond(batch.has_value(), whole_step, nothing)
+
+    return service_step
