@@ -7,7 +7,7 @@ setuptools.setup(
     version="0.1.0",
     description="Krizhevsky, Sutskever & Hinton (NIPS 2012) AlexNet on ImageNet with TensorFlow, Keras and Beam.",
     python_requires=">=3.11",
-    packages=["pipeline", "model", "training", "tools"],
+    packages=["pipeline", "pipeline.beam", "pipeline.reader", "model", "training", "tools"],
     py_modules=["train"],
     install_requires=[
         "tensorflow==2.21.*",

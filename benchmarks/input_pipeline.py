@@ -6,8 +6,8 @@ feeding a training step, each measured against its reference in the same run.
 Writes --images records as the converter does (256x256 JPEG, quality 90, 16 shards), made from real photos given
 by --photos (random crops) or else the demo set's drawings. The machine is shared, so every round times each
 contestant once, in turn, and the figures are medians over rounds of per-round ratios:
-1. reader / plain: pipeline/input.py's train_dataset (group shuffle, parse with the Example spec, decode in order,
-   batch, prefetch) vs TFRecordDataset -> parse -> decode_jpeg -> batch over the same shards and cores.
+1. reader / plain: pipeline/reader/input.py's train_dataset (group shuffle, parse with the Example spec, decode in
+   order, batch, prefetch) vs TFRecordDataset -> parse -> decode_jpeg -> batch over the same shards and cores.
 2. service / in-process: the same reader served by a tf.data service dispatcher and two worker processes on
    loopback (python -m pipeline.data_service), sharing every core with the training process; and the CPU the
    training process spends per image either way. Then, on Linux, with the cores split in two as if on separate
@@ -33,8 +33,9 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
-from pipeline import demo_data, example_spec, images
-from pipeline import input as data_input
+from pipeline import demo_data, example_spec
+from pipeline.beam import images
+from pipeline.reader import input as data_input
 from training import devices, recipe
 from training import step as train_step
 

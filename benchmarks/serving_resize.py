@@ -1,5 +1,5 @@
 r"""How far the served preprocessing (tools/serving.py: TensorFlow's decode and antialiased bicubic resize) is
-from what training saw (pipeline/images.py: Pillow's, then the record's JPEG at quality 90, decoded).
+from what training saw (pipeline/beam/images.py: Pillow's, then the record's JPEG at quality 90, decoded).
 
     python benchmarks/serving_resize.py [--photos='GLOB'] [--model_dir=RUN --raw_dir=RAW [--data_dir=DATA]]
 
@@ -19,8 +19,9 @@ import tensorflow as tf
 from absl import app, flags
 from PIL import Image
 
-from pipeline import demo_data, images, sources
-from pipeline import input as data_input
+from pipeline import demo_data
+from pipeline.beam import images, sources
+from pipeline.reader import input as data_input
 from tools import serving
 from training import checkpoints, evaluation
 

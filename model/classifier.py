@@ -49,3 +49,12 @@ def build_classifier(num_classes, stats, *, image_size, crop_size, lighting_std,
     model = Classifier(preprocess, net, name="classifier")
     model(tf.zeros((1, image_size, image_size, 3), tf.uint8))
     return model
+
+
+def probabilities(model, images, crops):
+    """Softmax probabilities of uint8 images: of the centre crop, or averaged over §4.1's ten patches."""
+    if crops == 1:
+        return tf.nn.softmax(tf.cast(model(images, training=False), tf.float32))
+    x = model.preprocess.normalize(images)
+    patches = augment.ten_crops(x, model.preprocess.crop_size)
+    return tf.add_n([tf.nn.softmax(tf.cast(model.net(p, training=False), tf.float32)) for p in patches]) / 10

@@ -2,10 +2,13 @@
 
 b_i = a_i / (k + alpha sum_{j = max(0, i - n/2)}^{min(N - 1, i + n/2)} a_j^2)^beta, over the channels of one tower.
 The forward pass is TensorFlow's `tf.nn.local_response_normalization`. Its gradient is the formula, compiled by XLA
-into a few loops over memory: TensorFlow's CPU `LRNGrad` kernel costs several forward passes (README, "Model").
+into a few loops over memory: TensorFlow's CPU `LRNGrad` kernel costs several forward passes (docs/benchmarks.md).
+`paper_formula` and `paper_gradient` are the same in NumPy, float64, written from the paper: what the tests and
+`tools.check` hold the kernels to.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import model
@@ -32,6 +35,31 @@ def _lrn_gradient(x, g):
         d_pow = tf.pow(d, -LRN["beta"])
     window = _channel_window_sum(g * x * d_pow / d)
     return g * d_pow - (2 * LRN["alpha"] * LRN["beta"]) * x * window
+
+
+def paper_formula(a):
+    """§3.3 literally, in float64: the sum runs over channels max(0, i - n/2) .. min(N - 1, i + n/2)."""
+    a = np.asarray(a, np.float64)
+    return a * _paper_denominator(a) ** -LRN["beta"]
+
+
+def paper_gradient(a, g):
+    """The gradient of paper_formula at a, given the output's gradient g (the formula of _lrn_gradient)."""
+    a, g = np.asarray(a, np.float64), np.asarray(g, np.float64)
+    d, beta = _paper_denominator(a), LRN["beta"]
+    return g * d**-beta - 2 * LRN["alpha"] * beta * a * _paper_window_sum(g * a * d ** (-beta - 1))
+
+
+def _paper_denominator(a):
+    return LRN["bias"] + LRN["alpha"] * _paper_window_sum(a**2)
+
+
+def _paper_window_sum(z):
+    r, channels = LRN["depth_radius"], z.shape[-1]
+    out = np.empty_like(z)
+    for i in range(channels):
+        out[..., i] = z[..., max(0, i - r) : min(channels, i + r + 1)].sum(-1)
+    return out
 
 
 @tf.custom_gradient

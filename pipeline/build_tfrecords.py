@@ -3,7 +3,7 @@ r"""Converts raw ImageNet (ILSVRC-2012 layout) into 256x256 JPEG TFRecord shards
     python -m pipeline.build_tfrecords --input_dir=RAW --output_dir=OUT [Beam options, e.g. --runner=DataflowRunner]
 
 RAW holds the extracted train/<wnid>/ and val/ folders (Kaggle's copy: its ILSVRC/Data/CLS-LOC), or the downloaded
-ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, read in place without extracting (pipeline/sources.py).
+ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, read in place without extracting (pipeline/beam/sources.py).
 
 Writes to OUT: train-SSSSS-of-NNNNN and validation-SSSSS-of-NNNNN shards, stats.npz / stats.json (mean image and
 RGB PCA, from the training images), labels.txt (label i is line i's wnid, and its name when known),
@@ -28,7 +28,7 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from pipeline import conversion, outputs, progress, sources, transforms
+from pipeline.beam import conversion, outputs, progress, sources, transforms
 
 D = conversion.Config()  # The flags' defaults.
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Raw ImageNet folder holding train/ and val/.", required=True)

@@ -10,7 +10,7 @@ input pipeline's graph. Runs until stopped.
 
 from absl import app, flags
 
-from pipeline import service
+from pipeline.reader import service
 
 _ROLE = flags.DEFINE_enum("role", None, ["dispatcher", "worker"], "Which server to run.", required=True)
 _PORT = flags.DEFINE_integer("port", 0, "Port to serve on (0: any free one, printed).")

@@ -62,7 +62,7 @@ def run_conversion(input_dir, output_dir, **overrides):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline import conversion, sources, transforms
+    from pipeline.beam import conversion, sources, transforms
 
     settings = dict(
         input_dir=input_dir,

@@ -69,21 +69,11 @@ def test_paper_initialization(paper_net):
             assert value.mean() == pytest.approx(0.0, abs=1e-3) and value.std() == pytest.approx(0.01, rel=0.03)
 
 
-def _paper_lrn(a, k=2.0, n=5, alpha=1e-4, beta=0.75):
-    """§3.3, literally: the sum runs over channels max(0, i - n/2) .. min(N - 1, i + n/2)."""
-    b = np.empty_like(a)
-    channels = a.shape[-1]
-    for i in range(channels):
-        lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
-        b[..., i] = a[..., i] / (k + alpha * (a[..., lo : hi + 1] ** 2).sum(-1)) ** beta
-    return b
-
-
 @pytest.mark.parametrize("channels", [48, 128])
 def test_lrn_is_the_papers_formula_with_its_channel_edges(channels):
     a = np.random.default_rng(0).uniform(0, 300, size=(2, 3, 3, channels)).astype(np.float64)
     got = LocalResponseNorm()(tf.constant(a, tf.float32)).numpy()
-    np.testing.assert_allclose(got, _paper_lrn(a), rtol=1e-5)
+    np.testing.assert_allclose(got, lrn.paper_formula(a), rtol=1e-5)
 
 
 def test_lrn_runs_in_float32_under_bfloat16():
@@ -108,8 +98,9 @@ def test_lrn_gradient_is_the_formulas():
     for i in np.ndindex(a.shape):
         step = np.zeros_like(a)
         step[i] = eps
-        numeric[i] = ((_paper_lrn(a + step) - _paper_lrn(a - step)) * g).sum() / (2 * eps)
+        numeric[i] = ((lrn.paper_formula(a + step) - lrn.paper_formula(a - step)) * g).sum() / (2 * eps)
     np.testing.assert_allclose(got, numeric, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(lrn.paper_gradient(a, g), numeric, rtol=1e-3, atol=1e-6)
 
 
 def test_towers_variables_live_on_their_devices():

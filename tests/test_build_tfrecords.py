@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 
 from pipeline import demo_data as demo_module
-from pipeline import example_spec, images, sources
-from pipeline import input as data_input
+from pipeline import example_spec
+from pipeline.beam import images, sources
+from pipeline.reader import input as data_input
 from tests.helpers import TRAIN_PER_CLASS, VAL_PER_CLASS, photos_dir, run, run_conversion
 
 WNIDS = [wnid for wnid, _, _ in demo_module.CLASSES]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import TWO_DEVICES, run
-from training import checks, loop, recipe
+from training import checks, devices, loop, recipe
 
 
 def _config(data_dir, model_dir, **overrides):
@@ -25,11 +25,26 @@ def data_copy(demo_data, tmp_path):
 
 
 def _refused(config, *phrases):
+    """Refused by the checks every run starts with (loop.start runs them before it builds or writes anything)."""
     with pytest.raises(checks.ConfigError) as error:
-        loop.train(config)
+        checks.check_config(config)
+        checks.check_run(config, devices.make_strategy(config))
     for phrase in phrases:
         assert phrase in str(error.value), str(error.value)
-    assert not os.path.exists(os.path.join(config.model_dir, "checkpoints"))  # Nothing trained.
+
+
+def test_a_refused_run_has_written_nothing(data_copy, tmp_path):
+    os.remove(data_copy / "stats.npz")
+    with pytest.raises(checks.ConfigError, match="stats.npz is missing"):
+        loop.train(_config(data_copy, tmp_path / "m"))
+    assert not os.path.exists(tmp_path / "m")
+
+
+def test_a_conversion_by_an_earlier_version_is_refused_naming_what_it_lacks(data_copy, tmp_path):
+    summary = json.loads((data_copy / "summary.json").read_text())
+    del summary["classes"], summary["train"]["shard_sizes"]
+    (data_copy / "summary.json").write_text(json.dumps(summary))
+    _refused(_config(data_copy, tmp_path / "m"), "summary.json lacks classes, train.shard_sizes", "run it again")
 
 
 @pytest.mark.parametrize(

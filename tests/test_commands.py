@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import demo_data, images
-from pipeline import input as data_input
+from pipeline import demo_data
+from pipeline.beam import images
+from pipeline.reader import input as data_input
 from tests.helpers import TWO_DEVICES, photos_dir, run
 from tools import serving, similarity
 from training import checkpoints, checks, evaluation

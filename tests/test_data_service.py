@@ -7,7 +7,7 @@ import time
 import pytest
 import tensorflow as tf
 
-from pipeline import input as data_input
+from pipeline.reader import input as data_input
 from tests.helpers import tiny_run_config
 from training import loop
 

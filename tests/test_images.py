@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import images
+from pipeline.beam import images
 from tests.helpers import photos_dir
 
 

@@ -2,7 +2,7 @@ import time
 
 import apache_beam as beam
 
-from pipeline import progress
+from pipeline.beam import progress
 
 
 class _Work(beam.DoFn):

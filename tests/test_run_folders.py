@@ -7,7 +7,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from pipeline import input as data_input
+from pipeline.reader import input as data_input
 from tests.helpers import tiny_run_config
 from tools import serving, similarity
 from training import checkpoints, checks, evaluation, loop, recipe

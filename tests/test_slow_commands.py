@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pipeline import sources
+from pipeline.beam import sources
 from tests.helpers import run
 
 pytestmark = pytest.mark.slow

@@ -77,7 +77,7 @@ def test_workers_with_only_what_setup_py_installs_run_the_jobs_steps(demo_raw, t
         import apache_beam as beam
         from apache_beam.io.filesystems import FileSystems
         assert type(FileSystems.get_filesystem("gs://bucket/x")).__name__ == "GCSFileSystem"
-        from pipeline import conversion, sources, transforms
+        from pipeline.beam import conversion, sources, transforms
         assert transforms.__file__.startswith({str(venv)!r}), transforms.__file__  # The installed copy.
         labels = sources.read_val_labels({str(os.path.join(demo_raw, "validation_labels.txt"))!r})
         with beam.Pipeline() as p:

@@ -4,7 +4,7 @@ import tarfile
 
 import pytest
 
-from pipeline import sources
+from pipeline.beam import sources
 
 
 def _tar(files):

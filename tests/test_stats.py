@@ -4,7 +4,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
-from pipeline import stats
+from pipeline.beam import stats
 
 
 def _images(n=5, size=8, seed=0):

@@ -234,10 +234,10 @@ def test_ten_crop_evaluation_averages_softmax_over_the_ten_patches():
     model = _Model(preprocess)
     images = np.zeros((1, 16, 16, 3), np.uint8)
     images[0, 0, 0] = 255  # Only the top-left corner patch sees it: 1 of 10 patches votes 1.
-    probs = evaluation.predict(model, tf.constant(images), crops=10).numpy()
+    probs = classifier.probabilities(model, tf.constant(images), crops=10).numpy()
     np.testing.assert_allclose(probs[0, 1], 0.1 * 1 + 0.9 * 0, atol=1e-3)
     images[0, 2, 2] = 255  # The centre patch's top-left: the single centre crop now votes 1.
-    assert evaluation.predict(model, tf.constant(images), crops=1).numpy()[0].argmax() == 1
+    assert classifier.probabilities(model, tf.constant(images), crops=1).numpy()[0].argmax() == 1
 
 
 def _step_on_replicas(strategy, model, step, images):

@@ -13,7 +13,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import conversion, demo_data, images, sources, stats, transforms
+from pipeline import demo_data
+from pipeline.beam import conversion, images, sources, stats, transforms
 from tests import object_store
 from tests.helpers import run_conversion
 

@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from model import lrn
-from pipeline import input as data_input
+from pipeline.reader import input as data_input
 from training import checks, devices, recipe
 from training import flags as run_flags
 from training import step as train_step
@@ -49,13 +49,7 @@ def lrn_error(device):
             tape.watch(xt)
             y = lrn.local_response_normalization(xt)
         grad = tape.gradient(y, xt, output_gradients=tf.constant(g))
-    k, alpha, beta, r = lrn.LRN["bias"], lrn.LRN["alpha"], lrn.LRN["beta"], lrn.LRN["depth_radius"]
-    x64, g64 = x.astype(np.float64), g.astype(np.float64)
-    padded = np.pad(x64**2, [(0, 0)] * 3 + [(r, r)])
-    d = k + alpha * sum(padded[..., i : i + 48] for i in range(2 * r + 1))
-    expected_y = x64 * d**-beta
-    inner = np.pad(g64 * x64 * d ** (-beta - 1), [(0, 0)] * 3 + [(r, r)])
-    expected_g = g64 * d**-beta - 2 * alpha * beta * x64 * sum(inner[..., i : i + 48] for i in range(2 * r + 1))
+    expected_y, expected_g = lrn.paper_formula(x), lrn.paper_gradient(x, g)
     return max(np.abs(y.numpy() - expected_y).max(), np.abs(grad.numpy() - expected_g).max())
 
 
@@ -64,7 +58,7 @@ def update_error(device):
     w0, v0, g = np.full(1000, 0.5, np.float32), np.full(1000, 0.1, np.float32), np.linspace(-1, 1, 1000, dtype="f4")
     with tf.device(device):
         w, v = tf.Variable(w0), tf.Variable(v0)
-        recipe._momentum_update(w.handle, v.handle, tf.constant(g), 0.01, 0.9, 0.0005)
+        recipe.momentum_update(w.handle, v.handle, tf.constant(g), 0.01, 0.9, 0.0005)
     expected_v = 0.9 * v0 - 0.01 * (g + 0.0005 * w0)
     return max(np.abs(v.numpy() - expected_v).max(), np.abs(w.numpy() - (w0 + expected_v)).max())
 

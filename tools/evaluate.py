@@ -4,9 +4,9 @@ patches, with each class's errors and the most confused pairs.
     python -m tools.evaluate --model_dir=RUN [--data_dir=DATA] [--checkpoint=latest|best|PATH] [--crops=10]
                              [--output=FILE.json] [--strategy=mirrored|towers|multi_worker ...]
 
-DATA defaults to the run's own --data_dir; PATH is a checkpoint prefix or folder, or a .weights.h5 of an earlier
-run. Runs batched over the replicas of the strategy given, as training does (train.py ends with the same
-evaluation). Writes FILE.json (default RUN/evaluation-CHECKPOINT-Ncrop.json).
+DATA defaults to the run's own --data_dir; PATH is a checkpoint prefix or a folder of checkpoints. Runs batched over
+the replicas of the strategy given, as training does (train.py ends with the same evaluation). Writes FILE.json
+(default RUN/evaluation-CHECKPOINT-Ncrop.json).
 """
 
 import json
@@ -16,7 +16,7 @@ import sys
 import tensorflow as tf
 from absl import app, flags
 
-from pipeline import input as data_input
+from pipeline.reader import input as data_input
 from training import checkpoints, checks, devices, evaluation, recipe
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "The run's folder (train.py's --model_dir).", required=True)
@@ -74,9 +74,7 @@ def main(argv):
     except checks.DataError as e:
         sys.exit(f"tools.evaluate: {e}")
     result.update(checkpoint=path, split=_SPLIT.value, data_dir=data_dir)
-    output = _OUTPUT.value or os.path.join(
-        _MODEL_DIR.value, f"evaluation-{os.path.basename(path).replace('.weights.h5', '')}-{crops}crop.json"
-    )
+    output = _OUTPUT.value or os.path.join(_MODEL_DIR.value, f"evaluation-{os.path.basename(path)}-{crops}crop.json")
     with tf.io.gfile.GFile(output, "w") as f:
         json.dump(result, f, indent=2)
     print("\n".join([*report(result, labels), f"Wrote {output}"]))

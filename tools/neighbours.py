@@ -14,7 +14,7 @@ import time
 import tensorflow as tf
 from absl import app, flags
 
-from pipeline import input as data_input
+from pipeline.reader import input as data_input
 from tools import similarity
 from training import checkpoints
 

@@ -5,8 +5,8 @@ preprocessing inside (§2: shorter side to 256, the central 256x256, the mean im
 
 import tensorflow as tf
 
+from model import classifier
 from pipeline import example_spec
-from training import evaluation
 
 TOP_K = 5
 
@@ -41,7 +41,7 @@ class Serving(tf.Module):
         images = tf.map_fn(decode_and_crop, image_bytes, fn_output_signature=spec)
         if self.image_size != example_spec.IMAGE_SIZE:  # As the reader decodes the records at a reduced size.
             images = tf.image.resize(images, [self.image_size] * 2, method="area")
-        scores, classes = tf.math.top_k(evaluation.predict(self.model, images, self.crops), k=self.k)
+        scores, classes = tf.math.top_k(classifier.probabilities(self.model, images, self.crops), k=self.k)
         return {
             "scores": scores,
             "classes": classes,

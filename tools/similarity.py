@@ -6,7 +6,7 @@ query: ImageNet's fc7 features (1.28M x 4096 floats, 21 GB) are never held at on
 
 import tensorflow as tf
 
-from pipeline import input as data_input
+from pipeline.reader import input as data_input
 from tools import serving
 from training import summaries
 

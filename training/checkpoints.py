@@ -1,32 +1,19 @@
 """A run's folder: its checkpoints as training writes and resumes them, its small files written whole, and its
-weights loaded into a Classifier (TensorFlow checkpoints, and the Keras `.weights.h5` files that runs wrote
-before the training loop kept TensorFlow checkpoints)."""
+weights loaded into a Classifier."""
 
 import json
 import os
-import re
 import time
 
-import h5py
-import numpy as np
 import tensorflow as tf
 
 from model import classifier
-from pipeline import input as data_input
+from pipeline.reader import data as folder
+from pipeline.reader import input as data_input
 from training.position import TrainState
 
 CHECKPOINTS = "checkpoints"  # The latest few, with everything a resumed run needs.
 BEST = "best"  # The weights of the epoch with the lowest validation top-1 error.
-# In the .weights.h5 files of the earlier model: Keras named the towers' layers by their position in lists.
-_LEGACY_CONV = re.compile(r"layers/alex_net/convs/container(?:_(\d))?/conv2d(_1)?/vars/([01])")
-_LEGACY_FC = re.compile(r"layers/alex_net/fcs/container(?:_(\d))?/dense(_1)?/vars/([01])")
-_LEGACY_OTHER = {
-    "layers/alex_net/fc8/vars/0": "alexnet/fc8/kernel",
-    "layers/alex_net/fc8/vars/1": "alexnet/fc8/bias",
-    "layers/preprocess/vars/0": "preprocess/mean_image",
-    "layers/preprocess/vars/1": "preprocess/eigenvalues",
-    "layers/preprocess/vars/2": "preprocess/eigenvectors",
-}
 
 
 class RunCheckpoints:
@@ -81,17 +68,13 @@ def write_file(path, text):
 
 def resolve(model_dir, which="latest"):
     """The checkpoint to load: 'latest' (of model_dir/checkpoints), 'best' (model_dir/best), or a path (a
-    checkpoint prefix, a folder of checkpoints, or a .weights.h5 file)."""
+    checkpoint prefix, or a folder of checkpoints)."""
     if which in ("latest", "best"):
         folder = os.path.join(model_dir, CHECKPOINTS if which == "latest" else BEST)
         path = tf.train.latest_checkpoint(folder)
         if path is None:
             raise FileNotFoundError(f"no {which} checkpoint in {folder}: has this run trained an epoch?")
         return path
-    if which.endswith(".h5"):
-        if not tf.io.gfile.exists(which):
-            raise FileNotFoundError(f"--checkpoint={which} does not exist")
-        return which
     path = tf.train.latest_checkpoint(which) if tf.io.gfile.isdir(which) else which
     if path is None or not tf.io.gfile.exists(path + ".index"):
         raise FileNotFoundError(f"--checkpoint={which}: no TensorFlow checkpoint there (expected PREFIX.index)")
@@ -100,35 +83,7 @@ def resolve(model_dir, which="latest"):
 
 def load(classifier, path):
     """Loads weights (and the statistics the preprocessing layer holds) into a built Classifier."""
-    if path.endswith(".h5"):
-        return _load_weights_h5(classifier, path)
     tf.train.Checkpoint(model=classifier).restore(path).expect_partial().assert_existing_objects_matched()
-
-
-def legacy_variable_path(h5_path):
-    """The variable path (alexnet/conv3_b/kernel) of a dataset in an earlier run's .weights.h5, or None."""
-    for pattern, layer in ((_LEGACY_CONV, "conv{}"), (_LEGACY_FC, "fc{}")):
-        match = pattern.fullmatch(h5_path)
-        if match:
-            index = int(match.group(1) or 0) + (1 if layer == "conv{}" else 6)
-            tower = "b" if match.group(2) else "a"
-            return f"alexnet/{layer.format(index)}_{tower}/{('kernel', 'bias')[int(match.group(3))]}"
-    return _LEGACY_OTHER.get(h5_path)
-
-
-def _load_weights_h5(classifier, path):
-    variables = {v.path: v for v in classifier.weights}
-    with h5py.File(tf.io.gfile.GFile(path, "rb"), "r") as f:
-        arrays = {}
-        f.visititems(lambda name, obj: arrays.update({name: obj[()]}) if isinstance(obj, h5py.Dataset) else None)
-    found = {legacy_variable_path(name): value for name, value in arrays.items()}
-    missing = sorted(set(variables) - set(found))
-    if missing:
-        raise ValueError(f"{path}: not a weights file of this model (no {', '.join(missing[:3])} ...)")
-    for name, variable in variables.items():
-        if tuple(variable.shape) != found[name].shape:
-            raise ValueError(f"{path}: {name} has shape {found[name].shape}, the model {tuple(variable.shape)}")
-        variable.assign(np.asarray(found[name], variable.dtype))
 
 
 def run_settings(model_dir):
@@ -138,8 +93,7 @@ def run_settings(model_dir):
         raise FileNotFoundError(f"--model_dir={model_dir} holds no config.json: is it a train.py run's folder?")
     with tf.io.gfile.GFile(path) as f:
         settings = json.load(f)
-    has_labels = tf.io.gfile.exists(os.path.join(model_dir, "labels.txt"))  # Runs before it kept a copy: the data's.
-    return settings, data_input.load_labels(model_dir if has_labels else settings["data_dir"])
+    return settings, data_input.load_labels(model_dir)
 
 
 def restore_classifier(model_dir, which="latest", precision="float32", tower_devices=None):
@@ -147,10 +101,9 @@ def restore_classifier(model_dir, which="latest", precision="float32", tower_dev
     (model, settings, labels, checkpoint path). Build it under a strategy's scope to place it there."""
     settings, labels = run_settings(model_dir)
     size = settings["image_size"]
-    stats = {"mean_image": np.zeros((size, size, 3)), "eigenvalues": np.zeros(3), "eigenvectors": np.eye(3)}
     model = classifier.build_classifier(
         len(labels),
-        stats,  # The checkpoint holds the statistics the run trained with.
+        folder.stand_in_stats(size),  # The checkpoint holds the statistics the run trained with.
         image_size=size,
         crop_size=settings["crop_size"],
         lighting_std=settings["lighting_std"],

@@ -1,7 +1,6 @@
 """Everything that can be wrong before the first training step, each a clear error naming the flag or file and
 what to do: settings, devices, the converted data and a model_dir holding another run."""
 
-import dataclasses
 import json
 import os
 import random
@@ -9,8 +8,8 @@ import random
 import numpy as np
 import tensorflow as tf
 
-from pipeline import example_spec
-from pipeline import input as data_input
+from pipeline.reader import data as folder
+from pipeline.reader import input as data_input
 from training import devices, recipe
 
 
@@ -20,16 +19,6 @@ class ConfigError(ValueError):
 
 class DataError(RuntimeError):
     """The data broke during training (a corrupt shard); the message names the file."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Data:
-    """The converted dataset as training reads it."""
-
-    files: dict  # split -> shard paths
-    sizes: dict  # split -> images per shard (np.int64)
-    stats: dict  # mean_image (at the decode size), eigenvalues, eigenvectors
-    labels: list  # [(wnid, name)] in label order
 
 
 def check_run(config, strategy):
@@ -127,57 +116,18 @@ def check_batch(config, replicas):
         )
 
 
-def load_data(config, *, replicas=1):
-    """The converted data, checked: every file there, statistics of the records' size, labels that agree."""
-    data_dir = config.data_dir
+def load_data(config):
+    """The converted data (pipeline/reader/data.py), checked as a run of config's settings reads it."""
     try:
-        summary = data_input.load_summary(data_dir)
-        stats = data_input.load_stats(data_dir)
-        labels = data_input.load_labels(data_dir)
-        files = {split: data_input.shard_files(data_dir, split) for split in ("train", "validation")}
-        sizes = {split: data_input.shard_sizes(files[split], summary, split) for split in files}
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"--data_dir={data_dir}: {e}") from None
-    for split in files:
-        if sizes[split].sum() == 0:
-            raise ConfigError(f"--data_dir={data_dir}: the {split} split has no images; convert a dataset that has")
-    size = summary.get("image_size", example_spec.IMAGE_SIZE)
-    if stats["mean_image"].shape != (size, size, 3):
-        raise ConfigError(
-            f"{os.path.join(data_dir, 'stats.npz')}: its mean image is {stats['mean_image'].shape[:2]}, the records "
-            f"are {size}x{size}: the statistics belong to another conversion; run build_tfrecords again"
-        )
-    if len(labels) != summary.get("classes", len(labels)):
-        raise ConfigError(
-            f"--data_dir={data_dir}: labels.txt lists {len(labels)} classes, summary.json {summary['classes']}: "
-            "the files come from different conversions; run build_tfrecords again"
-        )
-    _check_record_labels(files, labels)
-    steps = data_input.epoch_plan(sizes["train"], seed=config.seed, epoch=0, step_size=config.batch_size)[1]
+        data = folder.load(config.data_dir, config.image_size)
+    except folder.FolderError as e:
+        raise ConfigError(str(e)) from None
+    steps = data_input.epoch_plan(data.sizes["train"], seed=config.seed, epoch=0, step_size=config.batch_size)[1]
     if steps == 0:
-        raise ConfigError(f"--batch_size={config.batch_size} is more than the {sizes['train'].sum()} training images")
-    stats = dict(stats, mean_image=data_input.resize_mean_image(stats["mean_image"], config.image_size))
-    return Data(files, sizes, stats, labels)
-
-
-def _check_record_labels(files, labels):
-    """The first record of every shard carries a label and wnid that labels.txt agrees with (read in parallel:
-    ImageNet has 1,152 shards, maybe on an object store)."""
-    paths = [path for split in files.values() for path in split]
-    firsts = tf.data.Dataset.from_tensor_slices(paths).interleave(
-        lambda path: tf.data.TFRecordDataset(path).take(1).map(lambda record: (path, record)),
-        cycle_length=32,
-        num_parallel_calls=32,
-    )
-    for path, record in firsts:
-        features = example_spec.parse_example(record)
-        label, wnid = int(features[example_spec.LABEL]), features[example_spec.SYNSET].numpy().decode()
-        if not 0 <= label < len(labels) or labels[label][0] != wnid:
-            owner = labels[label][0] if 0 <= label < len(labels) else "no class"
-            raise ConfigError(
-                f"{path.numpy().decode()}: a record of {wnid} has label {label}, but labels.txt gives that label to "
-                f"{owner}: shards and labels.txt come from different conversions; run build_tfrecords again"
-            )
+        raise ConfigError(
+            f"--batch_size={config.batch_size} is more than the {data.sizes['train'].sum()} training images"
+        )
+    return data
 
 
 def check_resume(config, model_dir):

@@ -4,8 +4,8 @@ batched over the replicas of any strategy; with the per-class errors and the mos
 import numpy as np
 import tensorflow as tf
 
-from model import augment
-from pipeline import input as data_input
+from model import classifier
+from pipeline.reader import input as data_input
 from training import checks, devices
 
 MOST_CONFUSED = 20
@@ -16,18 +16,9 @@ def top_k_misses(labels, probs, k):
     return 1.0 - tf.cast(tf.math.in_top_k(labels, probs, k), tf.float32)
 
 
-def predict(model, images, crops):
-    """Softmax probabilities of uint8 images: of the centre crop, or averaged over §4.1's ten patches."""
-    if crops == 1:
-        return tf.nn.softmax(tf.cast(model(images, training=False), tf.float32))
-    x = model.preprocess.normalize(images)
-    patches = augment.ten_crops(x, model.preprocess.crop_size)
-    return tf.add_n([tf.nn.softmax(tf.cast(model.net(p, training=False), tf.float32)) for p in patches]) / 10
-
-
 def _eval_step(model, crops, num_classes):
     def replica_step(images, labels, valid):
-        probs = predict(model, images, crops)
+        probs = classifier.probabilities(model, images, crops)
         weight = tf.cast(valid, tf.float32)
         top1, top5 = (top_k_misses(labels, probs, k) * weight for k in (1, 5))
         loss = -tf.math.log(tf.maximum(tf.gather(probs, labels, batch_dims=1), 1e-30)) * weight

@@ -1,13 +1,13 @@
-"""Where a run's training batches come from, in two forms with one interface: each worker's own planned reader
-(pipeline/input.py), or a tf.data service's workers. The loop asks a feed for an epoch's steps, its batches and the
-step that consumes them, and does not know which form it has."""
+"""Where a run's training batches come from, in two forms with one interface: each worker's own planned
+reader (pipeline/reader/input.py), or a tf.data service's workers. The loop asks a feed for an epoch's steps, its
+batches and the step that consumes them, and does not know which form it has."""
 
 import contextlib
 import hashlib
 import threading
 
-from pipeline import input as data_input
-from pipeline import service
+from pipeline.reader import input as data_input
+from pipeline.reader import service
 from training import devices, step
 
 

@@ -11,7 +11,7 @@ devices (§3.2), several workers, and either form of input (training/feed.py).
 
 Exact resume: a run killed at any moment and started again with the same command continues from its last
 checkpoint with the weights, momentum, schedule, data position and random draws it would have had: the data
-order is a function of (seed, epoch) (pipeline/input.py), and a step's random draws a function of (seed, step,
+order is a function of (seed, epoch) (pipeline/reader/input.py), and a step's random draws a function of (seed, step,
 replica).
 """
 
@@ -29,7 +29,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import input as data_input
+from pipeline.reader import data as folder
+from pipeline.reader import input as data_input
 from training import checkpoints, checks, devices, evaluation, recipe, step, summaries
 from training.feed import make_feed
 from training.position import SUMS
@@ -230,7 +231,7 @@ class Run:
     config: recipe.Config
     strategy: tf.distribute.Strategy
     chief: bool  # Writes the run's outputs (under several workers, one does).
-    data: checks.Data
+    data: folder.Data
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
     feed: object  # training/feed.py: the training batches, and the step that takes them.

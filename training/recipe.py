@@ -131,7 +131,7 @@ class Plateau:
 
 
 @tf.function(jit_compile=True)
-def _momentum_update(var, accum, grad, learning_rate, momentum, decay):
+def momentum_update(var, accum, grad, learning_rate, momentum, decay):
     """accum <- momentum accum - lr (grad + decay var); var <- var + accum, on resource handles in one XLA loop.
 
     As separate ops (Keras' SGD) it is ~7 passes over memory; fused it reads grad, var and accum once and writes
@@ -149,7 +149,7 @@ class PaperSGD(keras.optimizers.SGD):
     The decay enters the gradient before the momentum, as in the paper. Keras' SGD(weight_decay=...) is applied
     outside the momentum (decoupled); an L2 kernel regularizer gives this rule at the cost of a pass over every
     weight in the loss.
-    The update is one fused op per variable (_momentum_update) on the TensorFlow variables Keras hands to
+    The update is one fused op per variable (momentum_update) on the TensorFlow variables Keras hands to
     update_step (under MirroredStrategy: each replica's copy, inside the strategy's update call).
     """
 
@@ -182,7 +182,7 @@ class PaperSGD(keras.optimizers.SGD):
         dtype = variable.dtype
         decay = self.coupled_decay if self._decayed[index] else 0.0
         with tf.device(variable.device):  # A compiled op runs where its variables live (towers on two devices).
-            _momentum_update(
+            momentum_update(
                 variable.handle,
                 self.momentums[index].value.handle,  # In the strategy's update call: this replica's copy.
                 tf.cast(gradient, dtype),

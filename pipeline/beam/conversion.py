@@ -3,7 +3,7 @@ from it, and the job's transforms take it whole."""
 
 import dataclasses
 
-from pipeline import images, progress
+from pipeline.beam import images, progress
 
 TAR_READS = ("auto", "in_order", "at_offsets")
 

@@ -34,9 +34,20 @@ def _read_json(data_dir, name):
         return json.load(f)
 
 
+SUMMARY_KEYS = ("image_size", "classes", "train", "validation")
+
+
 def load_summary(data_dir):
-    """summary.json of the conversion: image counts (and images per shard) per split."""
-    return _read_json(data_dir, "summary.json")
+    """summary.json of the conversion: the records' size, the classes, image counts and images per shard."""
+    summary = _read_json(data_dir, "summary.json")
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    missing += [f"{s}.shard_sizes" for s in ("train", "validation") if "shard_sizes" not in summary.get(s, {})]
+    if missing:
+        raise ValueError(
+            f"{os.path.join(data_dir, 'summary.json')} lacks {', '.join(missing)}: not written by this version of "
+            "`python -m pipeline.build_tfrecords`; run it again"
+        )
+    return summary
 
 
 def load_stats(data_dir):
@@ -80,10 +91,8 @@ def shard_files(data_dir, split):
 
 
 def shard_sizes(files, summary, split):
-    """Images per shard: from summary.json, or counted (outputs of conversions before it listed them)."""
-    sizes = summary.get(split, {}).get("shard_sizes")
-    if sizes is None:
-        sizes = [int(tf.data.TFRecordDataset(f).reduce(0, lambda n, _: n + 1)) for f in files]
+    """Images per shard, as summary.json lists them."""
+    sizes = summary[split]["shard_sizes"]
     if len(sizes) != len(files):
         raise ValueError(f"summary.json lists {len(sizes)} {split} shards, the folder holds {len(files)}")
     return np.asarray(sizes, np.int64)

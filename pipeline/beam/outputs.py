@@ -14,7 +14,8 @@ import uuid
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import example_spec, sources
+from pipeline import example_spec
+from pipeline.beam import sources
 
 SPLITS = ("train", "validation")
 SHARD_GLOBS = ("train-*-of-*", "validation-*-of-*")

@@ -12,7 +12,7 @@ give the same records (README, "Conversion").
 Determinism: each image's shard and its place there come from a seeded hash of its path in the extracted layout,
 so the output depends only on the input and the seed, never on worker timing or on tar vs folder input.
 Retries: a shard's writer writes the same bytes to the same staged name each time, the statistics are a Beam
-combine, and the final step (pipeline/outputs.py) can run again after failing anywhere.
+combine, and the final step (pipeline/beam/outputs.py) can run again after failing anywhere.
 """
 
 import contextlib
@@ -27,7 +27,8 @@ import tensorflow as tf
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import example_spec, images, outputs, progress, sources, stats
+from pipeline import example_spec
+from pipeline.beam import images, outputs, progress, sources, stats
 
 READ_ATTEMPTS = 3  # Transient I/O errors are retried; then the bundle fails (and the runner retries it).
 
