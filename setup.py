@@ -6,6 +6,7 @@ setuptools.setup(
     name="alexnet-reference",
     version="0.1.0",
     description="Krizhevsky, Sutskever & Hinton (NIPS 2012) AlexNet on ImageNet with TensorFlow, Keras and Beam.",
+    license="Apache-2.0",
     python_requires=">=3.11",
     packages=["pipeline", "pipeline.beam", "pipeline.reader", "model", "training", "tools"],
     py_modules=["train"],

@@ -61,7 +61,7 @@ def _sources(rng):
 
 
 def write_records(folder, count, seed=0):
-    """count converted records in SHARDS shards and a summary.json, as build_tfrecords writes them."""
+    """count converted records in SHARDS shards, as build_tfrecords writes them, and their sizes in summary.json."""
     rng = np.random.default_rng(seed)
     sources, kind = _sources(rng)
     writers = [tf.io.TFRecordWriter(os.path.join(folder, f"train-{i:05d}-of-{SHARDS:05d}")) for i in range(SHARDS)]
@@ -219,7 +219,8 @@ def main(argv):
     folder = tempfile.mkdtemp()
     kind = write_records(folder, _IMAGES.value)
     files = data_input.shard_files(folder, "train")
-    sizes = data_input.shard_sizes(files, data_input.load_summary(folder), "train")
+    with open(os.path.join(folder, "summary.json")) as f:
+        sizes = data_input.shard_sizes(files, json.load(f), "train")  # Only the training split's part is written.
     cores = os.cpu_count()
     kib = sum(os.path.getsize(f) for f in files) / sizes.sum() / 1024
     print(f"{_IMAGES.value} records from {kind}, {kib:.0f} KiB each; {cores} cores")

@@ -90,7 +90,7 @@ def pipeline_options(beam_args):
             direct.direct_num_workers = 0  # One worker per core.
         if "--direct_running_mode" not in given:
             # Processes: the threaded runner lost elements between a stage of long bundles (tars converted as
-            # they are read) and the GroupByKey after it (README, "Conversion"); processes lost none.
+            # they are read) and the GroupByKey after it (docs/choices.md, "Conversion"); processes lost none.
             direct.direct_running_mode = "multi_processing"
     if "--default_sdk_harness_log_level" not in given:
         options.view_as(WorkerOptions).default_sdk_harness_log_level = "WARNING"  # Workers: warnings and errors.

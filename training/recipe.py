@@ -55,7 +55,9 @@ class Config:
     eval_crops: int = _setting(10, "Final evaluation: centre or ten (§4.1).", choices=(1, 10))
     # How the run is carried out.
     precision: str = _setting("float32", "Keras dtype policy of the network.", choices=PRECISIONS)
-    jit_compile: bool = _setting(False, "Each replica's forward and backward pass as one XLA computation (README).")
+    jit_compile: bool = _setting(
+        False, "Each replica's forward and backward pass as one XLA computation (measure first: docs/running.md)."
+    )
     seed: int = _setting(0, "Seed of the init, the data order and every random draw.")
     strategy: str = _setting(
         "mirrored",
@@ -135,7 +137,7 @@ def momentum_update(var, accum, grad, learning_rate, momentum, decay):
     """accum <- momentum accum - lr (grad + decay var); var <- var + accum, on resource handles in one XLA loop.
 
     As separate ops (Keras' SGD) it is ~7 passes over memory; fused it reads grad, var and accum once and writes
-    var and accum once (README, "Recipe").
+    var and accum once (docs/choices.md, "Recipe").
     """
     w = tf.raw_ops.ReadVariableOp(resource=var, dtype=grad.dtype)
     v = momentum * tf.raw_ops.ReadVariableOp(resource=accum, dtype=grad.dtype) - learning_rate * (grad + decay * w)

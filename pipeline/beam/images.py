@@ -1,6 +1,6 @@
 """Converting one raw image (§2): any format PIL decodes -> RGB -> shorter side 256 -> central 256x256 -> JPEG.
 
-Choices (README "Conversion"):
+Choices (docs/choices.md, "Conversion"):
 - EXIF orientation is applied, so the stored image is upright as a viewer shows it.
 - Transparency is composited over white, as a browser shows it on a white page.
 - Only the central region is resampled (PIL's ``box``), with an antialiased bicubic filter; large JPEGs are first

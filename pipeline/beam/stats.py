@@ -2,7 +2,7 @@
 
 §2: the mean image (per pixel, 256x256x3). §4.1: PCA of the 3x3 covariance of RGB values over every training pixel.
 The accumulator holds exact integer sums [sum image, sum x x^T, image count] (the sum image in uint32 for its first
-16.8 million images, then int64; x x^T in int64: room for 10^13 images of 256x256), so partial results from any
+16.8 million images, then int64; x x^T in int64: room for 2.1 billion images of 256x256), so partial results from any
 number of workers merge exactly and in any order; the float64 mean, covariance and eigen decomposition are taken
 once, at the end. The RGB mean needs no sum of its own: it is the mean image's mean over positions, as every
 image has the same size.

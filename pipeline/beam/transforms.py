@@ -7,7 +7,7 @@ fetches 16 MiB at a time, so an image read at a random offset costs 16 MiB), and
 On a local or mounted disk random reads are cheap, so the tars are only listed and each image is read at its
 offset by its shard's writer, as a folder's file is: the shuffle then carries references, not JPEGs (the
 DirectRunner holds its shuffle in memory). Either way each input byte is read about once, and the same images
-give the same records (README, "Conversion").
+give the same records (docs/choices.md, "Conversion").
 
 Determinism: each image's shard and its place there come from a seeded hash of its path in the extracted layout,
 so the output depends only on the input and the seed, never on worker timing or on tar vs folder input.

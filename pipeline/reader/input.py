@@ -181,7 +181,8 @@ def train_dataset(
                 processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
                 service=data_service,
                 job_name=f"{job}-epoch{epoch}",
-                # Decoded pixels barely compress, and compressing them cost more than sending them (README).
+                # Decoded pixels barely compress, and compressing them cost more than sending them
+                # (docs/benchmarks.md, "Input pipeline").
                 compression=None,
                 # Also this consumer's prefetch buffer. Bounded, so that a trainer starting first cannot take
                 # the epoch's batches from the others (the job is shared first-come first-served, and the epoch
