@@ -4,25 +4,37 @@ loopback, started here), the training on this process."""
 import collections
 import time
 
+import grpc
 import pytest
 import tensorflow as tf
 
 from pipeline.reader import input as data_input
-from tests.helpers import tiny_run_config
+from pipeline.reader import service as servers_api
+from tests.helpers import free_ports, start, tiny_run_config
 from training import loop
 
 
 @pytest.fixture(scope="module")
 def service():
-    dispatcher = tf.data.experimental.service.DispatchServer()
-    address = dispatcher.target.split("://")[1]
-    workers = [
-        tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(dispatcher_address=address))
-        for _ in range(2)
-    ]
-    yield dispatcher.target
-    for server in [*workers, dispatcher]:
-        server._stop()
+    """A dispatcher and two workers started as users start them (python -m pipeline.data_service), on loopback."""
+    port = free_ports(1)[0]
+    servers = [start("-m", "pipeline.data_service", "--role=dispatcher", f"--port={port}")]
+    servers += [start("-m", "pipeline.data_service", "--role=worker", f"--dispatcher=localhost:{port}") for _ in "ab"]
+    deadline = time.monotonic() + 60
+    while _registered(f"localhost:{port}") < 2:
+        assert time.monotonic() < deadline and all(s.poll() is None for s in servers), "the servers did not start"
+        time.sleep(0.5)
+    yield f"grpc://localhost:{port}"
+    for server in servers:
+        server.kill()
+        server.wait()
+
+
+def _registered(dispatcher):
+    try:
+        return len(servers_api.worker_addresses(dispatcher, timeout=2))
+    except grpc.RpcError:  # Not serving yet.
+        return 0
 
 
 def _fingerprints(dataset):

@@ -11,17 +11,22 @@ from training import checks, devices, loop, recipe
 GPUS = ("/device:GPU:0", "/device:GPU:1")
 
 
-def test_the_all_reduce_is_nccl_in_one_pack_over_gpus_and_tensorflows_choice_over_cpus():
-    over_gpus = devices.cross_device_ops("auto", GPUS)  # Built without GPUs; it runs only on them.
-    assert isinstance(over_gpus, tf.distribute.NcclAllReduce) and over_gpus._num_packs == 1
+def test_the_all_reduce_is_nccl_in_one_pack_over_gpus_and_tensorflows_choice_over_cpus(monkeypatch):
+    made = []
+    with monkeypatch.context() as patch:  # What the strategy is given (NCCL is built without GPUs; runs on them).
+        patch.setattr(tf.distribute, "NcclAllReduce", lambda **kwargs: made.append(("nccl", kwargs)))
+        patch.setattr(tf.distribute, "MirroredStrategy", lambda *args, **kwargs: made.append((args, kwargs)))
+        devices.cross_device_ops("auto", GPUS)
+        devices.make_strategy(recipe.Config(mirrored_devices=TWO_DEVICES))
+    assert made[0] == ("nccl", {"num_packs": 1})
+    (names,), options = made[1]
+    assert names == list(TWO_DEVICES) and isinstance(options["cross_device_ops"], tf.distribute.ReductionToOneDevice)
     assert isinstance(devices.cross_device_ops("auto", TWO_DEVICES), tf.distribute.ReductionToOneDevice)
     assert isinstance(devices.cross_device_ops("hierarchical_copy", GPUS), tf.distribute.HierarchicalCopyAllReduce)
     kind = tf.distribute.experimental.CommunicationImplementation
     for gpus, implementation in ((True, kind.NCCL), (False, kind.RING)):
         options = devices.communication("auto", gpus)
         assert options.implementation == implementation and options.bytes_per_pack == devices.PACK_BYTES
-    strategy = devices.make_strategy(recipe.Config(mirrored_devices=TWO_DEVICES))
-    assert isinstance(strategy.extended._cross_device_ops, tf.distribute.ReductionToOneDevice)
 
 
 @pytest.mark.parametrize(

@@ -166,7 +166,7 @@ def test_a_finished_run_started_again_says_so_and_keeps_its_results(reference, c
 def test_a_model_dir_holding_a_run_with_other_settings_is_refused(reference):
     config = dataclasses.replace(reference[0], learning_rate=0.01, seed=3)
     with pytest.raises(checks.ConfigError, match=r"--learning_rate=0.005 there, 0.01 now.*--seed=0 there"):
-        loop.train(config)
+        checks.check_resume(config, config.model_dir)
     longer = dataclasses.replace(reference[0], epochs=3, log_every_steps=2)  # Allowed: a run may go on longer.
     checks.check_resume(longer, longer.model_dir)
 
