@@ -171,3 +171,58 @@ def test_config_dataclass_defaults_are_the_papers():
     assert (config.epochs, config.lr_drops, config.weight_std, config.dropout) == (90, 3, 0.01, 0.5)
     assert (config.image_size, config.crop_size, config.lighting_std, config.eval_crops) == (256, 224, 0.1, 10)
     assert dataclasses.replace(config, seed=1) != config
+
+
+def _run_folder(folder, config, labels, **saved):
+    """A run folder as train.py leaves it: config.json (with `saved` over config's values) and labels.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**json.loads(json.dumps(config.to_json())), **saved}))
+    (folder / "labels.txt").write_text("".join(f"{wnid}\t{name}\n" for wnid, name in labels))
+
+
+def test_resuming_on_data_of_other_classes_is_refused_before_the_run_folder_is_rewritten(demo_data, tmp_path):
+    config = _config(demo_data, tmp_path / "run")
+    labels = checks.load_data(config).labels
+    other = [("n99999999", "other"), *labels[1:]]
+    _run_folder(tmp_path / "run", config, other)
+    before = (tmp_path / "run" / "labels.txt").read_text()
+    with pytest.raises(checks.ConfigError, match=r"holds other classes .* \(10 classes there, 10 now; label 0 is "):
+        loop.train(config)
+    assert (tmp_path / "run" / "labels.txt").read_text() == before  # Nothing rewritten.
+    _run_folder(tmp_path / "run", config, labels[:9])
+    _refused(config, "9 classes there, 10 now; label 9 is none there", f"--data_dir={demo_data})")
+    _run_folder(tmp_path / "run", config, labels)
+    checks.check_resume(config, config.model_dir, labels)  # The same classes: it continues.
+
+
+@pytest.mark.parametrize(
+    "content, phrase",
+    [("{not json", "Expecting property name"), ("[1, 2]", "<class 'list'>"), ("\xff\xfe", "codec can't decode")],
+)
+def test_a_broken_run_settings_file_is_named_with_what_to_do(demo_data, tmp_path, content, phrase):
+    config = _config(demo_data, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(checks.ConfigError) as error:
+        checks.check_resume(config, config.model_dir)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'run' / 'config.json'} is not the run's settings") and phrase in message
+    assert "start a new run in another --model_dir" in message
+
+
+def test_a_run_begun_before_a_setting_existed_continues_as_its_default_or_says_what_to_give(demo_data, tmp_path):
+    config = _config(demo_data, tmp_path / "run")
+    labels = checks.load_data(config).labels
+    _run_folder(tmp_path / "run", config, labels)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["lr_scaling"], saved["tower_devices"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    checks.check_resume(config, config.model_dir, labels)  # Their defaults: the run goes on as it was.
+    changed = dataclasses.replace(config, lr_scaling="linear")
+    with pytest.raises(
+        checks.ConfigError, match=r"begun before lr_scaling existed.*continue it with --lr_scaling=none"
+    ):
+        checks.check_resume(changed, changed.model_dir, labels)
+    os.remove(tmp_path / "run" / "labels.txt")
+    with pytest.raises(checks.ConfigError, match=f"labels.txt is missing.*--data_dir={demo_data}, copy"):
+        checks.check_resume(config, config.model_dir, labels)

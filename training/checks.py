@@ -29,7 +29,7 @@ def check_run(config, strategy):
         check_accelerators(config, strategy.extended.worker_devices)
     check_batch(config, strategy.num_replicas_in_sync)
     data = load_data(config)
-    check_resume(config, config.model_dir)
+    check_resume(config, config.model_dir, data.labels)
     workers = strategy.num_replicas_in_sync // devices.local_replicas(strategy)
     check_shared_model_dir(config.model_dir, strategy, devices.worker_index(strategy), workers)
     return data
@@ -130,21 +130,76 @@ def load_data(config):
     return data
 
 
-def check_resume(config, model_dir):
-    """A model_dir holding a run with other settings is refused (resuming it would mix two recipes)."""
+def check_resume(config, model_dir, labels=None):
+    """A model_dir holding a run with other settings, or trained on other classes than `labels` ([(wnid, name)],
+    the data's), is refused: resuming it would mix two recipes, or two datasets. Its files are read back
+    checked: a broken one is named, with what to do."""
     path = os.path.join(model_dir, "config.json")
     if not tf.io.gfile.exists(path):
         return
-    with tf.io.gfile.GFile(path) as f:
-        saved = json.load(f)
+    saved = _read_json(path, "the run's settings")
     current = json.loads(json.dumps(config.to_json()))  # Tuples as lists, as saved.
-    changed = sorted(k for k in current if k not in recipe.Config.RESUMABLE_CHANGES and saved.get(k) != current[k])
+    fixed = [k for k in current if k not in recipe.Config.RESUMABLE_CHANGES]
+    default = json.loads(json.dumps(recipe.Config().to_json()))
+    new = sorted(k for k in fixed if k not in saved and current[k] != default[k])
+    if new:  # Written by a version without these settings: it ran as their defaults do.
+        details = ", ".join(f"--{k}={_flag_value(default[k])}" for k in new)
+        raise ConfigError(
+            f"--model_dir={model_dir} holds a run begun before {', '.join(new)} existed, which trained as their "
+            f"defaults do: continue it with {details}, or start a new run in another --model_dir"
+        )
+    changed = sorted(k for k in fixed if k in saved and saved[k] != current[k])
     if changed:
-        details = ", ".join(f"--{k}={saved.get(k)} there, {current[k]} now" for k in changed)
+        details = ", ".join(f"--{k}={saved[k]} there, {current[k]} now" for k in changed)
         raise ConfigError(
             f"--model_dir={model_dir} holds a run with other settings ({details}): continue it with its own flags "
             f"(--flagfile={os.path.join(model_dir, 'flags.txt')}) or start a new run in another --model_dir"
         )
+    if labels is not None:
+        _check_same_classes(model_dir, saved, labels, config.data_dir)
+
+
+def _check_same_classes(model_dir, saved, labels, data_dir):
+    path = os.path.join(model_dir, "labels.txt")
+    if not tf.io.gfile.exists(path):
+        raise ConfigError(
+            f"{path} is missing, so the classes the run was trained on are unknown: if it trained on "
+            f"--data_dir={saved.get('data_dir')}, copy that folder's labels.txt there; else start a new run"
+        )
+    try:
+        trained = data_input.load_labels(model_dir)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}): start a new run in another --model_dir") from None
+    if [w for w, _ in trained] == [w for w, _ in labels]:
+        return
+    pairs = enumerate(zip(trained, labels, strict=False))  # Up to the shorter list; beyond, the longer differs.
+    first = next((i for i, (a, b) in pairs if a[0] != b[0]), min(len(trained), len(labels)))
+    there = trained[first][0] if first < len(trained) else "none"
+    now = labels[first][0] if first < len(labels) else "none"
+    raise ConfigError(
+        f"--data_dir={data_dir} holds other classes than the run in --model_dir={model_dir} was trained on "
+        f"({len(trained)} classes there, {len(labels)} now; label {first} is {there} there, {now} now): continue "
+        f"it on its own data (--data_dir={saved.get('data_dir')}) or start a new run in another --model_dir"
+    )
+
+
+def _read_json(path, what):
+    """A JSON object the run wrote, or a ConfigError naming the file."""
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        value = e
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{path} is not {what} as train.py writes them ({value if isinstance(value, Exception) else type(value)}):"
+            " restore it from a copy, or start a new run in another --model_dir"
+        )
+    return value
+
+
+def _flag_value(value):
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def check_shared_model_dir(model_dir, strategy, worker, workers):
