@@ -38,6 +38,7 @@ benchmarks: $(VENV)/installed
 	$(PY) benchmarks/training_step.py
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/serving_resize.py
+	$(PY) benchmarks/serving_memory.py
 
 clean:
 	rm -rf $(VENV) $(DEMO)

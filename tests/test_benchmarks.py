@@ -25,6 +25,12 @@ TINY = [
         r"reader: \d+ img/s vs plain \d+ img/s: \d+\.\d\d.*\n(.*\n)*  service: \d+ img/s vs reader",
     ),
     ("benchmarks/serving_resize.py", [], r"served vs record \(what training saw\): \d+\.\d\d; \d+\.\d"),
+    (
+        "benchmarks/serving_memory.py",
+        ["--classes=10", "--image_size=64", "--crop_size=64"],
+        r"photos, limits: \d+ MB peak, 0 of 8 requests refused\n  hostile, limits: \d+ MB peak, 5 of 5 requests "
+        r"refused\n  hostile, no limits: \d+ MB peak, 1 of 4",
+    ),
 ]
 
 

@@ -87,6 +87,6 @@ def test_downloaded_tars_from_make_demo_data_convert_without_extracting(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / "summary.json") as f:
         summary = json.load(f)
-    summary["train"].pop("shard_sizes")
+    assert len(summary["train"].pop("shard_sizes")) == 2 and summary["train"].pop("bytes") > 23 * 1000
     assert summary["train"] == {"seen": 24, "written": 23, "rejected": 1, "shards": 2}  # 10 x 2 + 4 quirks.
     assert summary["validation"]["written"] == 10

@@ -33,6 +33,7 @@ def exported(trained_run, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Exported {model_dir}/checkpoints/ckpt-6 to {export_dir}" in result.stdout
     assert f"Saved the network to {keras_file}" in result.stdout
+    assert f"Serves images of {serving.Limits().describe()}; others get INVALID_ARGUMENT" in result.stdout
     return export_dir
 
 
@@ -180,15 +181,19 @@ def test_served_preprocessing_on_real_photos_of_every_shape():
 def test_predict_prints_the_top_five_and_names_the_files_it_could_not_read(exported, demo_raw, tmp_path):
     good = _val_jpegs(demo_raw)[:2]
     (tmp_path / "notes.JPEG").write_text("not an image")
-    result = run("-m", "tools.predict", f"--export_dir={exported}", *good, str(tmp_path / "notes.JPEG"), "nowhere.jpg")
+    thin = tmp_path / "thin.png"  # 1x3000: 91 bytes that the resize would make 256 x 768,000.
+    thin.write_bytes(tf.io.encode_png(tf.zeros((3000, 1, 3), tf.uint8)).numpy())
+    bad = [str(tmp_path / "notes.JPEG"), "nowhere.jpg", str(thin)]
+    result = run("-m", "tools.predict", f"--export_dir={exported}", *good, *bad)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     names = "|".join(name for _, name, _ in demo_data.CLASSES)
     for path, line in zip(good, lines[:2], strict=True):
         assert re.fullmatch(rf"{re.escape(path)}: (({names}) \d+\.\d%(, )?){{5}}", line), line
-    assert lines[2] == f"{tmp_path / 'notes.JPEG'}: not an image TensorFlow can decode (JPEG, PNG, GIF or BMP)"
+    assert lines[2] == f"{tmp_path / 'notes.JPEG'}: image_bytes of 12 bytes: not a JPEG, PNG, GIF or BMP"
     assert lines[3].startswith("nowhere.jpg: cannot read it")
-    assert "2 of 4 files could not be predicted" in result.stderr
+    assert lines[4] == f"{thin}: an image of 1x3000 pixels: a side shorter than the 32 px this model serves"
+    assert "3 of 5 files could not be predicted" in result.stderr
     assert run("-m", "tools.predict", f"--export_dir={exported}", *good).returncode == 0
 
 

@@ -2,8 +2,9 @@ r"""The top five classes of image files, from a SavedModel written by `python -m
 
     python -m tools.predict --export_dir=DIR IMAGE [IMAGE ...]
 
-Prints one line per image; a file that cannot be read or decoded gets a line saying so and the others are still
-predicted. Exits with status 1 if any image failed. Needs TensorFlow only.
+Prints one line per image; a file that cannot be read or decoded, or breaks the export's limits (its size, pixels,
+sides or aspect ratio: tools.export prints them), gets a line saying so and the others are still predicted. Exits
+with status 1 if any image failed.
 """
 
 import os
@@ -12,6 +13,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # A file that is not an image is reported on its own line.
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+from tools import serving  # noqa: E402
 
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "The SavedModel (tools.export's --export_dir).", required=True)
 
@@ -25,8 +28,8 @@ def predict_file(serve, path):
         raise ValueError(f"cannot read it ({e})") from None
     try:
         out = serve(image_bytes=tf.constant([data]))
-    except tf.errors.InvalidArgumentError:
-        raise ValueError("not an image TensorFlow can decode (JPEG, PNG, GIF or BMP)") from None
+    except tf.errors.InvalidArgumentError as e:
+        raise ValueError(serving.refusal(e)) from None
     names = [n.decode() for n in out["names"].numpy()[0]]
     return ", ".join(f"{name} {score:.1%}" for name, score in zip(names, out["scores"].numpy()[0], strict=True))
 

@@ -17,11 +17,16 @@ def features(model, images):
 
 
 def images_from_files(paths, image_size):
-    """Encoded image files -> uint8 (n, image_size, image_size, 3), preprocessed as the converter and reader do."""
+    """Encoded image files -> uint8 (n, image_size, image_size, 3), preprocessed as the converter and reader do,
+    within the served limits (a ValueError names a file beyond them)."""
     decoded = []
     for path in paths:
         with tf.io.gfile.GFile(path, "rb") as f:
-            image = serving.decode_and_crop(f.read())
+            data = f.read()
+        try:
+            image = serving.decode_and_crop(data)
+        except tf.errors.InvalidArgumentError as e:
+            raise ValueError(f"{path}: {serving.refusal(e)}") from None
         decoded.append(tf.image.resize(image, [image_size] * 2, method="area"))
     return tf.cast(tf.round(tf.stack(decoded)), tf.uint8)
 
