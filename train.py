@@ -5,7 +5,8 @@ r"""Trains the paper's AlexNet on TFRecord shards made by pipeline.build_tfrecor
 Writes to --model_dir: TensorBoard logs, checkpoints/ (the latest few, to resume from), best/ (the weights of the
 best validation epoch), flags.txt (the effective flags: --flagfile=RUN/flags.txt repeats the run), config.json
 and eval.json (the final top-1 / top-5 error). The same command continues an interrupted run where it stopped.
-SIGTERM (a preemption notice) saves a checkpoint a step later and exits with status 42.
+SIGTERM (a preemption notice) saves a checkpoint a step later and exits with status 42; so does Ctrl-C, with
+status 130 (a second Ctrl-C stops at once).
 """
 
 import sys
@@ -33,7 +34,7 @@ def main(argv):
         sys.exit(f"train.py: {e}")
     except loop.Preempted as e:
         print(f"train.py: {e}", flush=True)
-        sys.exit(loop.PREEMPTED_EXIT_CODE)
+        sys.exit(e.exit_code)
     print(
         f"Validation ({result['images']} images, {result['crops']} crops): "
         f"top-1 error {result['top1_error']:.1%}, top-5 error {result['top5_error']:.1%} "

@@ -2,6 +2,7 @@
 loopback, started here), the training on this process."""
 
 import collections
+import signal
 import time
 
 import grpc
@@ -10,7 +11,7 @@ import tensorflow as tf
 
 from pipeline.reader import input as data_input
 from pipeline.reader import service as servers_api
-from tests.helpers import free_ports, start, tiny_run_config
+from tests.helpers import TINY_TRAIN_FLAGS, free_ports, output, start, tiny_run_config
 from training import loop
 
 
@@ -79,3 +80,40 @@ def test_a_consumer_holds_at_most_4_steps_of_a_shared_epoch(demo_data, service):
     held = sum(1 for _ in first)
     assert 1 + held + other == 63
     assert held <= 4 + 2  # 4 steps of 1 batch, and the two the service client keeps besides.
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)], ids=["sigterm", "ctrl-c x2"])
+def test_a_stop_while_waiting_for_batches_that_never_come_exits_within_the_grace(demo_data, tmp_path, signals):
+    """A dispatcher without workers: the first step waits for ever, and Python runs no signal handler meanwhile.
+    SIGTERM cannot be honoured after a step that never ends, so the run exits unsaved GRACE_SECONDS later, with the
+    preemption's status; a second Ctrl-C stops it at once."""
+    port = free_ports(1)[0]
+    dispatcher = start("-m", "pipeline.data_service", "--role=dispatcher", f"--port={port}")
+    args = [f"--data_dir={demo_data}", f"--model_dir={tmp_path}", "--epochs=1", "--batch_size=8"]
+    trainer = start("train.py", *args, *TINY_TRAIN_FLAGS, f"--data_service=grpc://localhost:{port}")
+    try:
+        deadline = time.monotonic() + 120
+        while "Training images from the tf.data service" not in _printed(trainer):
+            assert time.monotonic() < deadline and trainer.poll() is None, _printed(trainer)[-3000:]
+            time.sleep(0.5)
+        time.sleep(3)  # Into the first step, waiting.
+        sent = time.monotonic()
+        for signum in signals:
+            trainer.send_signal(signum)
+            time.sleep(2)
+        status, printed = output(trainer, timeout=60)
+        waited = time.monotonic() - sent
+    finally:
+        dispatcher.kill()
+    if len(signals) == 1:
+        assert status == loop.PREEMPTED_EXIT_CODE, printed[-3000:]
+        assert "no step finished within 10 s of SIGTERM (waiting for input?)" in printed
+        assert loop.Preemption.GRACE_SECONDS <= waited < loop.Preemption.GRACE_SECONDS + 10
+    else:
+        assert status == 128 + signal.SIGINT and "Ctrl-C again: stopped at once" in printed, printed[-3000:]
+        assert waited < loop.Preemption.GRACE_SECONDS
+
+
+def _printed(process):
+    process.log.seek(0)
+    return process.log.read()

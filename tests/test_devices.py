@@ -52,6 +52,7 @@ def test_mirrored_with_no_gpu_in_sight_is_refused_before_anything_is_written_unl
         loop.start(config)
     assert "pip install -e '.[gpu]'" in str(e.value) and "--train_on_cpu" in str(e.value)
     assert not tmp_path.joinpath("refused").exists()
-    loop.start(dataclasses.replace(config, train_on_cpu=True, model_dir=str(tmp_path / "cpu")))
+    run, _ = loop.start(dataclasses.replace(config, train_on_cpu=True, model_dir=str(tmp_path / "cpu")))
+    run.claim.release()
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("Training on 2 x CPU (logical devices of one CPU): 2 replica(s) (MirroredStrategy, ")

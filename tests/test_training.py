@@ -2,6 +2,7 @@ import dataclasses
 import json
 import os
 import signal
+import time
 
 import keras
 import numpy as np
@@ -117,6 +118,40 @@ def test_a_run_stopped_again_and_again_resumes_exactly_where_its_checkpoints_wer
     assert result == reference[1]
     for tag in ("loss", "learning_rate"):  # The stopped legs' points after their checkpoints were dropped.
         assert _steps_logged(os.path.join(config.model_dir, "train"), tag) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stop_during_validation_or_by_ctrl_c_saves_at_once_and_resumes_exactly(reference, monkeypatch, tmp_path):
+    """Ctrl-C during epoch 1's validation: the validation stops at its next batch, the epoch's steps are saved
+    (step 3) and the resumed run validates them again, ending with the uninterrupted run's weights; the handlers
+    are given back. After a request, a Ctrl-C stops at once."""
+    config = dataclasses.replace(reference[0], model_dir=str(tmp_path))
+    real, batches = evaluation.evaluate, []
+
+    def interrupted_once(*args, stop, **kwargs):
+        if not batches:
+            os.kill(os.getpid(), signal.SIGINT)
+        batches.append(stop())
+        return real(*args, stop=stop, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "evaluate", interrupted_once)
+        with pytest.raises(loop.Preempted) as stopped:
+            loop.train(config)
+    assert stopped.value.step == 3 and stopped.value.exit_code == 130 and "stopped by SIGINT" in str(stopped.value)
+    assert checkpoints.resolve(config.model_dir, "latest").endswith("ckpt-3") and batches == [1.0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not os.path.exists(os.path.join(config.model_dir, ".claim.json"))  # Given up for the next start.
+    result = loop.train(config)
+    assert result == reference[1]
+    with loop.Preemption() as preemption:
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not preemption.requested and time.monotonic() < deadline:  # Noted by the listening thread.
+            time.sleep(0.05)
+        assert preemption.alive() == 1.0 and preemption.signal == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="Ctrl-C again"):  # After a request, Ctrl-C stops at once.
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
 
 
 @pytest.mark.slow  # 1 min: a §4-style unlucky moment, kept out of the default suite's time.

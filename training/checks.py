@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from pipeline.reader import data as folder
 from pipeline.reader import input as data_input
-from training import devices, recipe
+from training import claim, devices, recipe
 
 
 class ConfigError(ValueError):
@@ -200,6 +200,17 @@ def _read_json(path, what):
 
 def _flag_value(value):
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def claim_model_dir(model_dir, chief):
+    """The chief's claim on model_dir (training/claim.py); a folder a live run holds is refused. Other workers
+    share the chief's claim and take none."""
+    taken = claim.Claim(model_dir) if chief else claim.NoClaim()
+    try:
+        taken.take()
+    except claim.Claimed as e:
+        raise ConfigError(str(e)) from None
+    return taken
 
 
 def check_shared_model_dir(model_dir, strategy, worker, workers):

@@ -16,8 +16,12 @@ def top_k_misses(labels, probs, k):
     return 1.0 - tf.cast(tf.math.in_top_k(labels, probs, k), tf.float32)
 
 
+class Interrupted(Exception):
+    """Some worker was told to stop during an evaluation; every worker stopped at the same batch."""
+
+
 def _eval_step(model, crops, num_classes):
-    def replica_step(images, labels, valid):
+    def replica_step(images, labels, valid, stop):
         probs = classifier.probabilities(model, images, crops)
         weight = tf.cast(valid, tf.float32)
         top1, top5 = (top_k_misses(labels, probs, k) * weight for k in (1, 5))
@@ -25,16 +29,19 @@ def _eval_step(model, crops, num_classes):
         per_class = tf.stack([tf.math.unsorted_segment_sum(v, labels, num_classes) for v in (weight, top1, top5)])
         predicted = tf.argmax(probs, axis=1, output_type=tf.int32)
         confusion = tf.math.confusion_matrix(labels, predicted, num_classes, weights=weight, dtype=tf.float32)
-        return {"loss": tf.reduce_sum(loss), "per_class": per_class, "confusion": confusion}
+        return {"loss": tf.reduce_sum(loss), "per_class": per_class, "confusion": confusion, "stop": tf.identity(stop)}
 
     return replica_step
 
 
-def evaluate(model, strategy, files, sizes, *, batch_size, image_size, crops, labels, split="validation"):
+def evaluate(
+    model, strategy, files, sizes, *, batch_size, image_size, crops, labels, split="validation", stop=lambda: 0
+):
     """Errors over every image of the shards: a dict with top1_error, top5_error, loss, images, crops,
     per_class ({wnid: {name, images, top1_error, top5_error}}) and most_confused ([{true, predicted, count}]).
 
-    batch_size is global; `labels` is [(wnid, name)] in label order."""
+    batch_size is global; `labels` is [(wnid, name)] in label order. stop() (1: this worker was told to stop),
+    asked before every batch and summed over the workers, ends the evaluation early with Interrupted."""
     local = devices.local_replicas(strategy)
     dataset = strategy.distribute_datasets_from_function(
         lambda ctx: data_input.eval_dataset(
@@ -50,14 +57,16 @@ def evaluate(model, strategy, files, sizes, *, batch_size, image_size, crops, la
     replica_step = _eval_step(model, crops, len(labels))
 
     @tf.function
-    def step(batch):
-        outputs = strategy.run(replica_step, args=batch)  # Reduced one by one: strategies differ on nests.
+    def step(batch, stop):
+        outputs = strategy.run(replica_step, args=(*batch, stop))  # Reduced one by one: strategies differ on nests.
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in outputs.items()}
 
     totals = None
     try:
         for batch in dataset:
-            result = {k: v.numpy() for k, v in step(batch).items()}
+            result = {k: v.numpy() for k, v in step(batch, tf.constant(float(stop()))).items()}
+            if result.pop("stop") > 0:  # Summed over every worker: each stops at this batch.
+                raise Interrupted()
             totals = result if totals is None else {k: totals[k] + v for k, v in result.items()}
     except tf.errors.DataLossError as e:
         raise checks.data_error(files, split, e, "during the evaluation") from None

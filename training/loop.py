@@ -44,14 +44,17 @@ def train(config, flags_text=None, before_step=None):
     flags_text, the command's flags, goes to model_dir/flags.txt once the checks have passed. before_step(n), when
     given, is called before step n (counted from 1) is taken: the seam for whatever watches or stops a run."""
     run, position = start(config, flags_text)  # Every check before step 1; where the run continues from.
-    if position.epoch >= config.epochs and tf.io.gfile.exists(_eval_path(config)):
-        return saved_evaluation(run, position)
-    with Preemption() as preemption:
-        while position.epoch < config.epochs:
-            began = time.monotonic()
-            position = train_epoch(run, position, preemption, before_step)
-            position = end_epoch(run, position, time.monotonic() - began)
-    return final_evaluation(run, position)
+    try:
+        if position.epoch >= config.epochs and tf.io.gfile.exists(_eval_path(config)):
+            return saved_evaluation(run, position)
+        with Preemption() as preemption:
+            while position.epoch < config.epochs:
+                began = time.monotonic()
+                position = train_epoch(run, position, preemption, before_step)
+                position = end_epoch(run, position, time.monotonic() - began, preemption)
+        return final_evaluation(run, position)
+    finally:
+        run.claim.release()
 
 
 def train_epoch(run, position, preemption, before_step=None):
@@ -62,10 +65,12 @@ def train_epoch(run, position, preemption, before_step=None):
     batches = iter(run.feed.dataset(position.epoch, skip_steps=position.epoch_step))
     results = Results()
     while position.epoch_step < steps:
+        preemption.alive()
         if results.stop_requested():  # Every worker agrees on this step: see Preemption.
             position = results.settle(position)[0]
+            preemption.saving = True
             run.checkpoints.save(position)
-            raise Preempted(position.step)
+            raise Preempted(position.step, preemption.signal)
         if results.ran_out():  # The feed's epoch ended before its plan (a tf.data service's does).
             break
         if before_step:
@@ -148,11 +153,17 @@ def log(run, position, results, epoch_steps):
     return position
 
 
-def end_epoch(run, position, seconds):
-    """§5's check after each epoch: the validation error, the schedule, the best weights, a checkpoint."""
+def end_epoch(run, position, seconds, preemption=None):
+    """§5's check after each epoch: the validation error, the schedule, the best weights, a checkpoint. A stop
+    request during the validation saves the epoch's steps (a resumed run validates them again) and stops."""
     config, epoch = run.config, position.epoch
     train = summaries.mean_metrics(position.epoch_sums)
-    validation = evaluate(run, crops=1)
+    try:
+        validation = evaluate(run, crops=1, stop=preemption.alive if preemption else lambda: 0)
+    except evaluation.Interrupted:
+        preemption.saving = True
+        run.checkpoints.save(position)
+        raise Preempted(position.step, preemption.signal) from None
     plateau = position.plateau.update(validation["top1_error"], config.lr_patience, config.lr_drops)
     feed_scalars, feed_line = run.feed.epoch_report(position.epoch_sums[SUMS.index("images")])
     if feed_line and run.chief:
@@ -175,7 +186,7 @@ def end_epoch(run, position, seconds):
     return position
 
 
-def evaluate(run, crops):
+def evaluate(run, crops, stop=lambda: 0):
     config, data = run.config, run.data
     return evaluation.evaluate(
         run.model,
@@ -186,6 +197,7 @@ def evaluate(run, crops):
         image_size=config.image_size,
         crops=crops,
         labels=data.labels,
+        stop=stop,
     )
 
 
@@ -241,6 +253,7 @@ class Run:
     progress: summaries.Progress
     profiler: summaries.Profiler
     samples: object  # () -> the fixed images of the per-epoch summaries (summary_samples), read when first asked.
+    claim: object  # training/claim.py: the chief's claim on model_dir, given up when the run ends.
 
 
 def start(config, flags_text=None):
@@ -249,17 +262,22 @@ def start(config, flags_text=None):
     checks.check_config(config)
     strategy = devices.make_strategy(config)  # What the checks of devices, batch and shared folder look at.
     data = checks.check_run(config, strategy)
-    run, position = build(config, strategy, data)
-    if run.chief:
-        write_settings(config, data, flags_text)
-        summaries.truncate_after(config.model_dir, position.step)  # Points of a killed run after it.
-        if not position.step:  # A new run: its settings once, for comparing runs in TensorBoard.
-            summaries.Writers.hparams(config.model_dir, config.to_json())
-    announce(run, position)
+    claim = checks.claim_model_dir(config.model_dir, devices.is_chief(strategy))  # The first write.
+    try:
+        run, position = build(config, strategy, data, claim)
+        if run.chief:
+            write_settings(config, data, flags_text)
+            summaries.truncate_after(config.model_dir, position.step)  # Points of a killed run after it.
+            if not position.step:  # A new run: its settings once, for comparing runs in TensorBoard.
+                summaries.Writers.hparams(config.model_dir, config.to_json())
+        announce(run, position)
+    except BaseException:
+        claim.release()
+        raise
     return run, position
 
 
-def build(config, strategy, data):
+def build(config, strategy, data, claim):
     """The Run of these checked settings, and the Position its last checkpoint holds."""
     chief = devices.is_chief(strategy)
     keras.utils.set_random_seed(config.seed)  # The initial weights (§5) depend on the seed alone.
@@ -285,6 +303,7 @@ def build(config, strategy, data):
         summaries.Progress(total_steps, config.epochs, config.batch_size, position.step, enabled=chief),
         summaries.Profiler(os.path.join(config.model_dir, "train"), config.profile_steps),
         functools.cache(lambda: summary_samples(config, data)),
+        claim,
     )
     return run, position
 
@@ -332,38 +351,117 @@ def summary_samples(config, data):
     return next(iter(inputs))[0], tuple(next(iter(probe))[:2])
 
 
-class Preempted(Exception):
-    """The run saved a checkpoint and stopped because a worker was told to stop (SIGTERM)."""
+def exit_code(signum):
+    """SIGTERM: TensorFlow's "saved; start me again" (42); Ctrl-C: the shell's 128 + SIGINT."""
+    return PREEMPTED_EXIT_CODE if signum == signal.SIGTERM else 128 + signum
 
-    def __init__(self, step):
-        super().__init__(f"stopped by SIGTERM: saved step {step}; the same command continues from there")
-        self.step = step
+
+class Preempted(Exception):
+    """The run saved a checkpoint and stopped because a worker was told to stop (SIGTERM, or Ctrl-C)."""
+
+    def __init__(self, step, signum=signal.SIGTERM):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}: saved step {step}; the same command continues from there")
+        self.step, self.exit_code = step, exit_code(signum)
 
 
 class Preemption:
-    """SIGTERM (what cloud VMs and Kubernetes send before they take a machine away) asks the run to save and stop.
+    """SIGTERM (what cloud VMs and Kubernetes send before they take a machine away) or Ctrl-C (SIGINT) asks the
+    run to save and stop; a second Ctrl-C stops it at once, saving nothing more.
 
-    The request rides in every step's summed metrics, so every worker of a MultiWorkerMirroredStrategy job learns
-    of it at the same step and they all save at that step (a checkpoint needs them all). The loop reads the flag
-    one step late, from a step whose result is already there, so no step waits on the host. TensorFlow's
-    PreemptionCheckpointHandler agrees on the step through the coordination service instead, with threads that
-    watch its key-value store, and saves its own checkpoint; this run's checkpoint also records where the run is.
+    The request rides in every step's summed metrics (and every validation batch's), so every worker of a
+    MultiWorkerMirroredStrategy job learns of it at the same step and they all save at that step (a checkpoint
+    needs them all). The loop reads the flag one step late, from a step whose result is already there, so no step
+    waits on the host. TensorFlow's PreemptionCheckpointHandler agrees on the step through the coordination
+    service instead, with threads that watch its key-value store, and saves its own checkpoint; this run's
+    checkpoint also records where the run is.
+
+    A signal is taken by a thread, from the pipe Python writes each signal's number to: Python runs a handler only
+    when the main thread runs Python, never while a step waits in TensorFlow for input that does not come (a
+    tf.data service without workers, say). A run that takes no step or validation batch for GRACE_SECONDS after
+    the request exits unsaved with the same status: its last checkpoint stands, and the machine's grace period
+    (30 s on a GCE Spot VM, often less for a pod) is not spent waiting.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    GRACE_SECONDS = 10
+
     def __init__(self):
-        self.requested, self._previous = 0.0, None
+        self.requested, self.signal, self.saving = 0.0, signal.SIGTERM, False
+        self._last_seen, self._previous, self._pipe = time.monotonic(), {}, None
+        # Each signal reaches the handler (when the main thread runs Python) and the pipe; whichever sees the
+        # n-th of a kind first acts on it.
+        self._lock, self._by_handler, self._by_pipe, self._acted = threading.Lock(), {}, {}, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python's rule for signal handlers.
-            self._previous = signal.signal(signal.SIGTERM, self._request)
+            self._previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            self._pipe = (read, write, signal.set_wakeup_fd(write))
+            threading.Thread(target=self._listen, args=(read,), daemon=True).start()
         return self
 
-    def _request(self, signum, frame):
-        del signum, frame
-        if not self.requested:
-            print("SIGTERM: saving a checkpoint after the next step, then stopping", flush=True)
-        self.requested = 1.0
+    def alive(self):
+        """Called as the run goes on (each step, each validation batch); returns the request (1.0: stop)."""
+        self._last_seen = time.monotonic()
+        return self.requested
+
+    def _handler(self, signum, frame):
+        del frame
+        if self._take(signum, self._by_handler) and self._act(signum):
+            raise KeyboardInterrupt("Ctrl-C again: stopped at once")
+
+    def _listen(self, read):
+        while data := os.read(read, 64):
+            for signum in (s for s in data if s in self.SIGNALS):
+                with self._lock:
+                    self._by_pipe[signum] = n = self._by_pipe.get(signum, 0) + 1
+                deadline = time.monotonic() + 1  # The handler's chance, if the main thread runs Python.
+                while self._by_handler.get(signum, 0) < n and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if self._take(signum, self._by_pipe, n) and self._act(signum):
+                    print("Ctrl-C again: stopped at once", flush=True)
+                    os._exit(exit_code(signum))
+        os.close(read)
+
+    def _take(self, signum, counts, n=None):
+        """Whether this sighting of signal `signum` (the n-th through `counts`) is the first of that signal."""
+        with self._lock:
+            if n is None:
+                counts[signum] = n = counts.get(signum, 0) + 1
+            if self._acted.get(signum, 0) >= n:
+                return False
+            self._acted[signum] = n
+            return True
+
+    def _act(self, signum):
+        """Notes a stop request; returns True for a second Ctrl-C, which stops the run at once."""
+        if self.requested:
+            return signum == signal.SIGINT
+        name = signal.Signals(signum).name
+        print(f"{name}: saving a checkpoint after the next step, then stopping (Ctrl-C again: at once)", flush=True)
+        self.requested, self.signal, self._last_seen = 1.0, signum, time.monotonic()
+        threading.Thread(target=self._watch, daemon=True).start()
+        return False
+
+    def _watch(self):
+        while not self.saving and time.monotonic() - self._last_seen < self.GRACE_SECONDS:
+            time.sleep(0.2)
+        if not self.saving:
+            name = signal.Signals(self.signal).name
+            print(
+                f"train.py: no step finished within {self.GRACE_SECONDS} s of {name} (waiting for input?): stopped "
+                "without a new checkpoint; the same command continues from the last one",
+                flush=True,
+            )
+            os._exit(exit_code(self.signal))
 
     def __exit__(self, *exc):
-        if self._previous is not None:  # The final evaluation is not interrupted: a restart redoes it.
-            signal.signal(signal.SIGTERM, self._previous)
+        self.saving = True  # The watch stands down: the run ends here, one way or another.
+        if self._pipe:  # The final evaluation is not interrupted: a restart redoes it.
+            read, write, previous_fd = self._pipe
+            signal.set_wakeup_fd(previous_fd)
+            os.close(write)  # The listening thread reads the end of the pipe and closes it.
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous)
