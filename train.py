@@ -14,7 +14,7 @@ import sys
 import tensorflow as tf
 from absl import app, flags, logging
 
-from training import checks, devices, loop
+from training import checkpoints, checks, devices, loop
 from training import flags as run_flags
 
 run_flags.define()  # One flag per recipe.Config field, defaulting to the paper's value.
@@ -30,7 +30,7 @@ def main(argv):
         tf.config.experimental.enable_op_determinism()
     try:
         result = loop.train(run_flags.config(), flags_text=run_flags.serialized())
-    except (checks.ConfigError, checks.DataError, FloatingPointError) as e:
+    except (checks.ConfigError, checks.DataError, checkpoints.CheckpointError, FloatingPointError) as e:
         sys.exit(f"train.py: {e}")
     except loop.Preempted as e:
         print(f"train.py: {e}", flush=True)

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -186,6 +187,28 @@ def test_a_run_killed_between_its_best_weights_and_its_checkpoint_keeps_the_best
             np.testing.assert_array_equal(
                 tf.train.load_variable(resumed_best, name), tf.train.load_variable(best, name), err_msg=name
             )
+
+
+def test_a_corrupt_latest_checkpoint_is_skipped_for_the_one_before_and_the_run_ends_the_same(
+    reference, tmp_path, capsys
+):
+    folder = shutil.copytree(reference[0].model_dir, tmp_path / "run")
+    os.remove(folder / "eval.json")
+    latest = checkpoints.resolve(str(folder), "latest")
+    with open(latest + ".data-00000-of-00001", "r+b") as f:
+        f.truncate(1000)  # A write cut short (a full disk, a lost machine).
+    config = dataclasses.replace(reference[0], model_dir=str(folder))
+    steps = Steps()
+    assert loop.train(config, before_step=steps) == reference[1]
+    assert f"{latest} cannot be read (IndexError: Read less bytes than requested): trying the one before it" in (
+        capsys.readouterr().out
+    )
+    assert steps.taken == [5, 6]  # From ckpt-4.
+    for path in checkpoints.newest_first(str(folder / "checkpoints")):
+        with open(path + ".data-00000-of-00001", "r+b") as f:
+            f.truncate(1000)
+    with pytest.raises(checkpoints.CheckpointError, match="none of the 3 checkpoints in .* can be read"):
+        loop.train(config)
 
 
 def test_a_finished_run_started_again_says_so_and_keeps_its_results(reference, capsys):

@@ -16,6 +16,18 @@ CHECKPOINTS = "checkpoints"  # The latest few, with everything a resumed run nee
 BEST = "best"  # The weights of the epoch with the lowest validation top-1 error.
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run can be read; the message names the folder."""
+
+
+def newest_first(folder):
+    """The checkpoint prefixes in folder (ckpt-N.index there), the highest N first; the state file that names the
+    latest is not needed (a kill may have left it behind)."""
+    paths = tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index"))
+    numbered = [(int(p[: -len(".index")].rsplit("-", 1)[1]), p[: -len(".index")]) for p in paths]
+    return [path for _, path in sorted(numbered, reverse=True)]
+
+
 class RunCheckpoints:
     """checkpoints/ (the latest few: weights, momentum and the run's Position, all a resumed run needs) and best/
     (the weights of the best validation epoch), saved when config's intervals say. Under several workers each one
@@ -34,10 +46,22 @@ class RunCheckpoints:
         self.last_save = time.monotonic()
 
     def restore(self):
-        """Loads the chief's latest checkpoint, if there is one; returns the Position it holds (step 0 if none)."""
-        latest = tf.train.latest_checkpoint(os.path.join(self.model_dir, CHECKPOINTS))
-        if latest is not None:
-            self.checkpoint.restore(latest).assert_consumed()
+        """Loads the newest of the chief's checkpoints that reads whole; returns the Position it holds (step 0 when
+        there is none). One that does not (truncated, corrupt) is skipped for the one before it, saying so."""
+        folder = os.path.join(self.model_dir, CHECKPOINTS)
+        found = newest_first(folder)
+        for path in found:
+            try:
+                self.checkpoint.restore(path).assert_consumed()
+                return self.state.read()
+            except (tf.errors.OpError, ValueError, IndexError, AssertionError) as e:
+                reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0][:200]
+                print(f"{path} cannot be read ({type(e).__name__}: {reason}): trying the one before it", flush=True)
+        if found:
+            raise CheckpointError(
+                f"none of the {len(found)} checkpoints in {folder} can be read (above): move --model_dir away and "
+                "start the run again"
+            )
         return self.state.read()
 
     def due(self, step):
