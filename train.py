@@ -30,7 +30,9 @@ def main(argv):
         tf.config.experimental.enable_op_determinism()
     try:
         result = loop.train(run_flags.config(), flags_text=run_flags.serialized())
-    except (checks.ConfigError, checks.DataError, checkpoints.CheckpointError, FloatingPointError) as e:
+    except (checks.ConfigError, checks.DataError, checkpoints.CheckpointError, checkpoints.StorageError) as e:
+        sys.exit(f"train.py: {e}")  # Status 1: what a job manager does not retry (it needs a person).
+    except FloatingPointError as e:  # The loss stopped being a number.
         sys.exit(f"train.py: {e}")
     except loop.Preempted as e:
         print(f"train.py: {e}", flush=True)

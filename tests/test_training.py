@@ -1,8 +1,10 @@
 import dataclasses
+import glob
 import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import keras
@@ -472,3 +474,30 @@ def test_the_runs_settings_and_final_errors_are_there_for_tensorboards_hparams(r
     assert _scalars(os.path.join(config.model_dir, "eval"), "top1_error_10crop")[6] == pytest.approx(
         result["top1_error"]
     )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 250 MB tmpfs (root only): room for the tiny run's first checkpoint (162 MB), not for a second."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=250m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # TensorFlow keeps its event files open.
+
+
+def test_a_full_disk_stops_the_run_saying_what_it_needs_and_the_same_command_continues_once_there_is_room(
+    reference, small_disk
+):
+    config = dataclasses.replace(reference[0], model_dir=str(small_disk / "run"))
+    with pytest.raises(checkpoints.StorageError) as error:
+        loop.train(config)
+    message = str(error.value)
+    assert message.startswith(f"no space left on the device of --model_dir={small_disk / 'run'} (")
+    assert "A checkpoint needs about 154 MB" in message and message.endswith(f"{small_disk}/run/checkpoints/ckpt-2")
+    subprocess.run(["mount", "-o", "remount,size=1g", str(small_disk)], check=True)  # Room again.
+    steps = Steps()
+    assert loop.train(config, before_step=steps) == reference[1]
+    assert steps.taken == [3, 4, 5, 6] and not glob.glob(f"{small_disk}/run/checkpoints/*_temp")

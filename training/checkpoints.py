@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+import numpy as np
 import tensorflow as tf
 
 from model import classifier
@@ -18,6 +19,10 @@ BEST = "best"  # The weights of the epoch with the lowest validation top-1 error
 
 class CheckpointError(RuntimeError):
     """No checkpoint of the run can be read; the message names the folder."""
+
+
+class StorageError(RuntimeError):
+    """The run's folder is full; the message says how much a checkpoint needs and where the run will continue."""
 
 
 def newest_first(folder):
@@ -44,6 +49,22 @@ class RunCheckpoints:
         best = os.path.join(self.work_dir, BEST)
         self.best = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), best, max_to_keep=1)
         self.last_save = time.monotonic()
+        variables = (*model.weights, *optimizer.variables)
+        self.bytes = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in variables)
+        if worker is None:  # What a save cut short (a full disk, a kill) left; it holds space, not a checkpoint.
+            for temp in tf.io.gfile.glob(os.path.join(folder, "ckpt-*_temp")):
+                tf.io.gfile.rmtree(temp)
+
+    def no_space(self, error):
+        """What to say when a write to the run's folder found its disk full."""
+        latest = self.latest.latest_checkpoint or newest_first(os.path.join(self.model_dir, CHECKPOINTS))[:1]
+        where = f"its last checkpoint, {latest}" if latest else "step 0 (no checkpoint was written)"
+        message = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+        return (
+            f"no space left on the device of --model_dir={self.model_dir} ({message}). A checkpoint needs about "
+            f"{self.bytes / 2**20:,.0f} MB, and the run keeps {self.config.keep_checkpoints} and best/: free some "
+            f"space (or lower --keep_checkpoints), then the same command continues from {where}"
+        )
 
     def restore(self):
         """Loads the newest of the chief's checkpoints that reads whole; returns the Position it holds (step 0 when

@@ -53,6 +53,10 @@ def train(config, flags_text=None, before_step=None):
                 position = train_epoch(run, position, preemption, before_step)
                 position = end_epoch(run, position, time.monotonic() - began, preemption)
         return final_evaluation(run, position)
+    except (tf.errors.ResourceExhaustedError, OSError) as e:
+        if "No space left on device" not in str(e):
+            raise
+        raise checkpoints.StorageError(run.checkpoints.no_space(e)) from None
     finally:
         run.claim.release()
 
