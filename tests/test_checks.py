@@ -3,11 +3,15 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from pipeline import example_spec
+from pipeline.reader import input as data_input
 from tests.helpers import TWO_DEVICES, run
 from training import checks, devices, loop, recipe
 
@@ -130,12 +134,34 @@ def test_a_loss_that_becomes_nan_stops_the_run(demo_data, tmp_path):
     assert not os.path.exists(tmp_path / "eval.json")
 
 
-def test_a_corrupt_shard_stops_training_with_its_name(data_copy, tmp_path):
+def test_a_corrupt_shard_stops_training_with_its_name_looked_for_where_the_run_was_reading(
+    data_copy, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(data_input, "GROUP_SHARDS", 2)  # 8 shards in 4 groups: the one read and the next scanned.
     shard = sorted(p for p in os.listdir(data_copy) if p.startswith("train-"))[1]
     data = bytearray((data_copy / shard).read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # Inside a record: its CRC no longer matches.
     (data_copy / shard).write_bytes(bytes(data))
-    with pytest.raises(checks.DataError, match=f"a training shard is corrupt: {data_copy / shard} "):
+    message = rf"a training shard holds a corrupt record: {data_copy / shard}, record \d+ \(.*corrupted record at"
+    with pytest.raises(checks.DataError, match=message):
+        loop.train(_config(data_copy, tmp_path / "m"))
+    assert re.search(
+        r"a training shard failed at step \d+ \(epoch 1\): looking for the bad record in [24] shard",
+        capsys.readouterr().out,
+    )
+
+
+def test_a_record_whose_image_does_not_decode_is_named_by_shard_and_index(data_copy, tmp_path):
+    """Its CRC is whole (the converter wrote it so, or a disk flipped bits before it was written)."""
+    shard = data_copy / sorted(p for p in os.listdir(data_copy) if p.startswith("train-"))[2]
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(shard))]
+    example = tf.train.Example.FromString(records[5])
+    example.features.feature[example_spec.ENCODED].bytes_list.value[0] = b"\xff\xd8\xff" + bytes(500)
+    records[5] = example.SerializeToString()
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for record in records:
+            writer.write(record)
+    with pytest.raises(checks.DataError, match=rf"holds an image that does not decode: {shard}, record 5 \("):
         loop.train(_config(data_copy, tmp_path / "m"))
 
 
@@ -151,7 +177,7 @@ def test_a_corrupt_or_short_validation_shard_stops_the_evaluation_with_its_name(
     shard = sorted(p for p in os.listdir(data_copy) if p.startswith("validation-"))[0]
     data = (data_copy / shard).read_bytes()
     (data_copy / shard).write_bytes(data[: len(data) // 2] + b"\xff" * 64 + data[len(data) // 2 + 64 :])
-    with pytest.raises(checks.DataError, match=f"a validation shard is corrupt: {data_copy / shard} "):
+    with pytest.raises(checks.DataError, match=f"a validation shard holds a corrupt record: {data_copy / shard}, "):
         loop.train(_config(data_copy, tmp_path / "m"))
     (data_copy / shard).write_bytes(b"")  # Readable, but the images summary.json lists are not all there.
     with pytest.raises(checks.DataError, match=r"the validation shards ran out after \d+ of \d+ images"):

@@ -1,6 +1,7 @@
 """Everything that can be wrong before the first training step, each a clear error naming the flag or file and
 what to do: settings, devices, the converted data and a model_dir holding another run."""
 
+import concurrent.futures
 import json
 import os
 import random
@@ -8,6 +9,7 @@ import random
 import numpy as np
 import tensorflow as tf
 
+from pipeline import example_spec
 from pipeline.reader import data as folder
 from pipeline.reader import input as data_input
 from training import claim, devices, recipe
@@ -249,25 +251,45 @@ def _sum_over_replicas(strategy, values):
     return reduce().numpy()
 
 
-def corrupt_shards(paths):
-    """The shards among `paths` that cannot be read to the end, with TensorFlow's reason."""
-    bad = []
-    for path in paths:
+def bad_records(paths, decode_size=None, threads=16):
+    """(path, record index, reason) for each shard among `paths` that cannot be read to the end, or, given the size
+    the run decodes to, holds a record whose image does not decode. The shards are read in parallel."""
+
+    def scan(path):
+        records = tf.data.TFRecordDataset(path)
+        if decode_size:
+            decode = lambda r: data_input.decode(r, decode_size)[0]  # noqa: E731 (the image: else pruned)
+            records = records.map(decode, num_parallel_calls=4, deterministic=True)
+        count = 0
         try:
-            for _ in tf.data.TFRecordDataset(path):
-                pass
-        except tf.errors.DataLossError as e:
-            bad.append((path, e.message))
-    return bad
+            for _ in records:
+                count += 1
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            return path, count, e.message.strip().splitlines()[0].split(" [[")[0][:200]
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return [found for found in pool.map(scan, paths) if found]
 
 
-def data_error(files, split, error, where):
-    """The DataError for a split's input that failed (DataLossError) or ran out (OutOfRangeError, or fewer images
-    than summary.json lists): the corrupt shards by name when a scan finds them, else what was seen."""
-    bad = corrupt_shards(files)
-    if bad or isinstance(error, tf.errors.DataLossError):
-        named = "; ".join(f"{path} ({reason})" for path, reason in bad) or error.message
-        return DataError(f"a {split} shard is corrupt: {named}. Convert the data again")
+def data_error(files, split, error, where, likely=(), image_size=example_spec.IMAGE_SIZE):
+    """The DataError for a split's input that failed (a corrupt record, an image that does not decode) or ran out
+    (fewer images than summary.json lists): the bad records by shard and index, looked for first among the `likely`
+    shards (those being read when it failed), then among the others; else what was seen."""
+    decode = isinstance(error, tf.errors.InvalidArgumentError)  # libjpeg's errors depend on the DCT scale.
+    first = [f for f in files if f in set(likely)]
+    rest = [f for f in files if f not in set(first)]
+    if error is not None:
+        print(
+            f"a {split} shard failed {where}: looking for the bad record in {len(first) or len(rest)} shard(s)",
+            flush=True,
+        )
+    size = image_size if decode else None
+    bad = bad_records(first, size) or bad_records(rest, size)
+    if bad or isinstance(error, tf.errors.DataLossError | tf.errors.InvalidArgumentError):
+        what = "an image that does not decode" if decode else "a corrupt record"
+        named = "; ".join(f"{path}, record {index} ({reason})" for path, index, reason in bad) or error.message
+        return DataError(f"a {split} shard holds {what}: {named}. Convert the data again")
     return DataError(
         f"the {split} shards ran out {where}, before the images summary.json lists: they hold fewer records than "
         "it lists. Convert the data again"

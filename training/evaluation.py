@@ -68,8 +68,10 @@ def evaluate(
             if result.pop("stop") > 0:  # Summed over every worker: each stops at this batch.
                 raise Interrupted()
             totals = result if totals is None else {k: totals[k] + v for k, v in result.items()}
-    except tf.errors.DataLossError as e:
-        raise checks.data_error(files, split, e, "during the evaluation") from None
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        if isinstance(e, tf.errors.InvalidArgumentError) and "JPEG" not in e.message:
+            raise
+        raise checks.data_error(files, split, e, "during the evaluation", image_size=image_size) from None
     seen = int(totals["per_class"][0].sum())
     if seen != int(np.sum(sizes)):  # A short shard is padded like the last batch, or one replica's input ended.
         raise checks.data_error(files, split, None, f"after {seen} of {int(np.sum(sizes))} images")

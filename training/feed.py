@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import threading
 
+import numpy as np
+
 from pipeline.reader import input as data_input
 from pipeline.reader import service
 from training import devices, step
@@ -29,6 +31,18 @@ class Planned:
         step_size = self.config.batch_size // self.pipelines
         plan = dict(seed=self.config.seed, epoch=epoch, step_size=step_size, pipelines=self.pipelines)
         return data_input.epoch_plan(self.sizes, **plan)[1]
+
+    def shards_at(self, epoch, epoch_step):
+        """The shards this worker reads at that step of the epoch: its group of them, and the next (read ahead)."""
+        step_size = self.config.batch_size // self.pipelines
+        plan = dict(seed=self.config.seed, epoch=epoch, step_size=step_size, pipelines=self.pipelines)
+        groups = data_input.epoch_plan(self.sizes, **plan, pipeline=self._pipeline())[0]
+        ends = np.cumsum([self.sizes[group].sum() for group in groups])
+        at = int(np.searchsorted(ends, epoch_step * step_size, side="right"))
+        return [self.files[i] for group in groups[at : at + 2] for i in group]
+
+    def _pipeline(self):
+        return devices.worker_index(self.strategy)
 
     def dataset(self, epoch, skip_steps):
         config = self.config
@@ -83,6 +97,9 @@ class Service(Planned):
 
     def make_step(self, model, optimizer):
         return step.make_service_step(model, optimizer, self.strategy, self.config)
+
+    def shards_at(self, epoch, epoch_step):
+        return []  # The service's workers took the groups as they came: any shard may be the one.
 
     def waiting(self):
         return ServiceWatch(self.config.data_service)

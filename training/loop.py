@@ -97,11 +97,16 @@ def take_step(run, batches, position, stop=0.0):
     try:
         with run.feed.waiting():
             return run.train_step(batches, tf.constant(position.step, tf.int64), tf.constant(stop, tf.float32))
-    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
-        # A corrupt record fails the input of the replica that reads it; with several devices another replica
-        # may see its input end first (OutOfRangeError): the planned steps never run out otherwise.
+    except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError) as e:
+        # A corrupt record fails the input of the replica that reads it (DataLossError), an image that does not
+        # decode its decoder (InvalidArgumentError); with several devices another replica may see its input end
+        # first (OutOfRangeError): the planned steps never run out otherwise.
+        if isinstance(e, tf.errors.InvalidArgumentError) and "JPEG" not in e.message:
+            raise
         where = f"at step {position.step + 1} (epoch {position.epoch + 1})"
-        raise checks.data_error(run.data.files["train"], "training", e, where) from None
+        likely = run.feed.shards_at(position.epoch, position.epoch_step)
+        files, size = run.data.files["train"], run.config.image_size
+        raise checks.data_error(files, "training", e, where, likely, image_size=size) from None
 
 
 def learning_rate(config, position):
