@@ -236,6 +236,11 @@ def test_a_broken_run_settings_file_is_named_with_what_to_do(demo_data, tmp_path
     assert "start a new run in another --model_dir" in message
 
 
+def test_a_model_dir_that_is_a_file_is_refused(demo_data, tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    _refused(_config(demo_data, tmp_path / "run"), f"--model_dir={tmp_path / 'run'} is a file, not a folder")
+
+
 def test_a_run_begun_before_a_setting_existed_continues_as_its_default_or_says_what_to_give(demo_data, tmp_path):
     config = _config(demo_data, tmp_path / "run")
     labels = checks.load_data(config).labels

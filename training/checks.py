@@ -136,6 +136,8 @@ def check_resume(config, model_dir, labels=None):
     """A model_dir holding a run with other settings, or trained on other classes than `labels` ([(wnid, name)],
     the data's), is refused: resuming it would mix two recipes, or two datasets. Its files are read back
     checked: a broken one is named, with what to do."""
+    if tf.io.gfile.exists(model_dir) and not tf.io.gfile.isdir(model_dir):
+        raise ConfigError(f"--model_dir={model_dir} is a file, not a folder: give a run's folder, or a new one")
     path = os.path.join(model_dir, "config.json")
     if not tf.io.gfile.exists(path):
         return
