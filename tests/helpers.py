@@ -109,13 +109,27 @@ def free_ports(n):
     return ports
 
 
+def _as_in_a_terminal():
+    """Ctrl-C as a terminal delivers it, even when the tests run as a background job (which ignores SIGINT)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args, env=None):
     """A command as users type it, started in the background; its output goes to a temporary file."""
     import tempfile
 
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (read by output(), after the process ends)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_as_in_a_terminal,
+    )
     process.log = log
     return process
 

@@ -129,6 +129,7 @@ def test_a_stop_during_validation_or_by_ctrl_c_saves_at_once_and_resumes_exactly
     are given back. After a request, a Ctrl-C stops at once."""
     config = dataclasses.replace(reference[0], model_dir=str(tmp_path))
     real, batches = evaluation.evaluate, []
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # As in a terminal (make's jobs ignore it).
 
     def interrupted_once(*args, stop, **kwargs):
         if not batches:
@@ -155,6 +156,7 @@ def test_a_stop_during_validation_or_by_ctrl_c_saves_at_once_and_resumes_exactly
         with pytest.raises(KeyboardInterrupt, match="Ctrl-C again"):  # After a request, Ctrl-C stops at once.
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.slow  # 1 min: a §4-style unlucky moment, kept out of the default suite's time.

@@ -404,7 +404,9 @@ class Preemption:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python's rule for signal handlers.
-            self._previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}
+            ignored = signal.SIGINT if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else None  # nohup, `&`.
+            taken = [signum for signum in self.SIGNALS if signum != ignored]
+            self._previous = {signum: signal.signal(signum, self._handler) for signum in taken}
             read, write = os.pipe()
             os.set_blocking(write, False)
             self._pipe = (read, write, signal.set_wakeup_fd(write))
