@@ -5,8 +5,8 @@ r"""Trains the paper's AlexNet on TFRecord shards made by pipeline.build_tfrecor
 Writes to --model_dir: TensorBoard logs, checkpoints/ (the latest few, to resume from), best/ (the weights of the
 best validation epoch), flags.txt (the effective flags: --flagfile=RUN/flags.txt repeats the run), config.json
 and eval.json (the final top-1 / top-5 error). The same command continues an interrupted run where it stopped.
-SIGTERM (a preemption notice) saves a checkpoint a step later and exits with status 42; so does Ctrl-C, with
-status 130 (a second Ctrl-C stops at once).
+SIGTERM (a preemption notice) saves a checkpoint a step later and exits with status 143, which job managers
+restart; so does Ctrl-C, with status 130 (a second Ctrl-C stops at once). A refusal exits with status 1.
 """
 
 import sys

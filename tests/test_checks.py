@@ -186,7 +186,7 @@ def test_a_corrupt_or_short_validation_shard_stops_the_evaluation_with_its_name(
 
 def test_the_command_exits_non_zero_with_the_message(demo_data, tmp_path):
     result = run("train.py", f"--data_dir={demo_data}", f"--model_dir={tmp_path}", "--learning_rate=-1", "--epochs=1")
-    assert result.returncode != 0
+    assert result.returncode == 1  # What TFJob's ExitCode policy treats as permanent: a person must act.
     assert result.stderr.strip().splitlines()[-1] == "train.py: --learning_rate=-1.0: must be positive"
     assert not os.path.exists(tmp_path / "flags.txt")  # Refused before anything was written.
 
@@ -257,3 +257,39 @@ def test_a_run_begun_before_a_setting_existed_continues_as_its_default_or_says_w
     os.remove(tmp_path / "run" / "labels.txt")
     with pytest.raises(checks.ConfigError, match=f"labels.txt is missing.*--data_dir={demo_data}, copy"):
         checks.check_resume(config, config.model_dir, labels)
+
+
+@pytest.mark.parametrize(
+    "cluster, task, message",
+    [
+        (
+            {"chief": ["a:1"], "worker": ["b:1"], "evaluator": ["c:1"]},
+            {"type": "evaluator", "index": 0},
+            "this process is TF_CONFIG's evaluator task",
+        ),
+        (
+            {"chief": ["a:1"], "worker": ["b:1"], "ps": ["c:1"]},
+            {"type": "worker", "index": 0},
+            "TF_CONFIG lists 1 parameter server(s) (ps)",
+        ),
+    ],
+)
+def test_tf_config_tasks_the_loop_does_not_run_are_refused_before_anything_is_written(
+    demo_data, tmp_path, monkeypatch, cluster, task, message
+):
+    """As Vertex AI (worker pools 2 and 3) and TFJob (PS, Evaluator replicas) would write them."""
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+    config = _config(demo_data, tmp_path / "run", strategy="multi_worker", mirrored_devices=())
+    with pytest.raises(checks.ConfigError, match=re.escape(message)):
+        loop.train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cluster_under_a_one_machine_strategy_is_refused_and_chief_worker_clusters_pass():
+    chief_and_worker = json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "chief"}})
+    with pytest.raises(checks.ConfigError, match="lists 2 training tasks, and --strategy=mirrored trains on this"):
+        checks.check_cluster(recipe.Config(), chief_and_worker)
+    checks.check_cluster(recipe.Config(strategy="multi_worker"), chief_and_worker)
+    checks.check_cluster(recipe.Config(), json.dumps({"cluster": {"chief": ["a:1"]}, "task": {"type": "chief"}}))
+    with pytest.raises(checks.ConfigError, match="TF_CONFIG is not a JSON object"):
+        checks.check_cluster(recipe.Config(), "{cluster")

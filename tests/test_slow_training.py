@@ -62,7 +62,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_with_the_same_w
 
 def test_a_run_killed_again_and_again_at_random_moments_ends_with_the_uninterrupted_weights(demo_data, tmp_path):
     """README's promise, "a run killed at any moment continues exactly where it was": kill -9 at random moments
-    (a checkpoint every step, so some kills land inside a save), then SIGTERM (exit 42, saved), each time the same
+    (a checkpoint every step, so some kills land inside a save), then SIGTERM (exit 143, saved), each time the same
     command again; the run ends with the uninterrupted run's weights."""
     reference = run("train.py", *FLAGS, f"--data_dir={demo_data}", f"--model_dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -83,7 +83,7 @@ def test_a_run_killed_again_and_again_at_random_moments_ends_with_the_uninterrup
     process.send_signal(signal.SIGTERM)
     status, printed = output(process)
     if status != 0:  # Not finished before the notice: saved and stopped, with "preempted".
-        assert status == 42 and re.search(r"stopped by SIGTERM: saved step \d+", printed), (status, printed[-3000:])
+        assert status == 143 and re.search(r"stopped by SIGTERM: saved step \d+", printed), (status, printed[-3000:])
     resumed = run(*args)
     assert resumed.returncode == 0, (seed, kills, resumed.stderr[-3000:])
     digest = re.compile(r"weights sha256 ([0-9a-f]{16})")

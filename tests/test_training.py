@@ -503,3 +503,10 @@ def test_a_full_disk_stops_the_run_saying_what_it_needs_and_the_same_command_con
     steps = Steps()
     assert loop.train(config, before_step=steps) == reference[1]
     assert steps.taken == [3, 4, 5, 6] and not glob.glob(f"{small_disk}/run/checkpoints/*_temp")
+
+
+def test_a_preempted_run_exits_with_a_status_the_job_managers_restart_and_a_refusal_with_one_they_do_not():
+    """Kubeflow's TFJob (restartPolicy: ExitCode) retries 128-255 and treats 1-127 as permanent; Vertex AI restarts
+    any non-zero status. A refusal (sys.exit with its message) is 1."""
+    assert loop.PREEMPTED_EXIT_CODE == loop.exit_code(signal.SIGTERM) == 143
+    assert 128 <= loop.Preempted(5).exit_code <= 255 and loop.Preempted(5, signal.SIGINT).exit_code == 130

@@ -82,6 +82,39 @@ def check_config(config):
         raise ConfigError(f"--profile_steps={','.join(map(str, config.profile_steps))}: two steps, first <= last")
 
 
+def check_cluster(config, tf_config=None):
+    """TF_CONFIG (the environment's, unless given) as Vertex AI and Kubeflow's TFJob write it: `chief` and `worker`
+    tasks train together under --strategy=multi_worker. Parameter servers and an `evaluator` task are refused
+    before anything is built or written, saying what to use instead."""
+    raw = os.environ.get("TF_CONFIG", "") if tf_config is None else tf_config
+    if not raw.strip():
+        return
+    try:
+        spec = json.loads(raw)
+        cluster, task = spec.get("cluster", {}), spec.get("task", {})
+    except (ValueError, AttributeError):
+        raise ConfigError(f"TF_CONFIG is not a JSON object with a cluster and a task: {raw[:200]}") from None
+    if task.get("type") == "evaluator":
+        raise ConfigError(
+            "this process is TF_CONFIG's evaluator task, and this project has none to run: the chief evaluates on "
+            "the validation set after every epoch and at the end, and `python -m tools.evaluate --model_dir=RUN` "
+            "evaluates any checkpoint. Give the job no evaluator (Vertex AI: no worker pool 3; TFJob: no Evaluator "
+            "replicas)"
+        )
+    if cluster.get("ps"):
+        raise ConfigError(
+            f"TF_CONFIG lists {len(cluster['ps'])} parameter server(s) (ps): they are ParameterServerStrategy's, "
+            "which this loop does not run. Give only chief and worker tasks with --strategy=multi_worker (Vertex AI: "
+            "worker pools 0 and 1; TFJob: Chief and Worker replicas)"
+        )
+    tasks = sum(len(cluster.get(kind, [])) for kind in ("chief", "master", "worker"))
+    if tasks > 1 and config.strategy != "multi_worker":
+        raise ConfigError(
+            f"TF_CONFIG lists {tasks} training tasks, and --strategy={config.strategy} trains on this machine alone: "
+            "give --strategy=multi_worker"
+        )
+
+
 def check_devices(config):
     """The devices the flags name exist on this machine (TensorFlow would silently use others)."""
     known = {d.name for d in tf.config.list_logical_devices()}

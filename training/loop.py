@@ -35,7 +35,10 @@ from training import checkpoints, checks, devices, evaluation, recipe, step, sum
 from training.feed import make_feed
 from training.position import SUMS
 
-PREEMPTED_EXIT_CODE = 42  # As TensorFlow's PreemptionCheckpointHandler exits: "saved; start me again".
+# Saved after SIGTERM: 128 + SIGTERM, as TensorFlow's PreemptionCheckpointHandler exits on GCE. Job managers
+# restart it: Kubeflow's TFJob (restartPolicy: ExitCode) retries 128-255 and treats 1-127 as permanent, which is
+# what a refusal (status 1) is; Vertex AI restarts any non-zero status.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
 def train(config, flags_text=None, before_step=None):
@@ -269,6 +272,7 @@ def start(config, flags_text=None):
     """The run in config.model_dir: checked (everything that can be wrong is found here, before anything is built
     or written), then built and restored: (Run, the Position it continues from: step 0 for a new run)."""
     checks.check_config(config)
+    checks.check_cluster(config)  # Before MultiWorkerMirroredStrategy reads TF_CONFIG.
     strategy = devices.make_strategy(config)  # What the checks of devices, batch and shared folder look at.
     data = checks.check_run(config, strategy)
     claim = checks.claim_model_dir(config.model_dir, devices.is_chief(strategy))  # The first write.
@@ -361,8 +365,8 @@ def summary_samples(config, data):
 
 
 def exit_code(signum):
-    """SIGTERM: TensorFlow's "saved; start me again" (42); Ctrl-C: the shell's 128 + SIGINT."""
-    return PREEMPTED_EXIT_CODE if signum == signal.SIGTERM else 128 + signum
+    """128 + the signal, as a shell reports a process the signal ended: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + signum
 
 
 class Preempted(Exception):
