@@ -120,18 +120,22 @@ def test_a_trainer_that_cannot_reach_the_service_workers_says_so_within_a_minute
         _stop(*(p for p in (trainer, worker, dispatcher) if p))
 
 
-def _cluster(pair):
-    return {"worker": [f"{host.address}:2222" for host in pair]}
+SHAPES = ["worker", "chief"]  # TF_CONFIG by hand (worker tasks only); as Vertex AI and TFJob write it (a chief).
 
 
-def _start_workers(pair, cluster, args, model_dirs):
+def _tf_config(pair, shape, i):
+    """Host i's TF_CONFIG: worker i of two workers, or (shape "chief") the chief and worker 0 as Vertex AI's worker
+    pools 0 and 1, and Kubeflow's Chief and Worker replicas, are told."""
+    addresses = [f"{host.address}:2222" for host in pair]
+    if shape == "worker":
+        return {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}}
+    task = {"type": "chief", "index": 0} if i == 0 else {"type": "worker", "index": 0}
+    return {"cluster": {"chief": addresses[:1], "worker": addresses[1:]}, "task": task}
+
+
+def _start_workers(pair, args, model_dirs, shape="worker"):
     return [
-        host.start(
-            *TRAIN,
-            *args,
-            f"--model_dir={model_dir}",
-            env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
-        )
+        host.start(*TRAIN, *args, f"--model_dir={model_dir}", env={"TF_CONFIG": json.dumps(_tf_config(pair, shape, i))})
         for i, (host, model_dir) in enumerate(zip(pair, model_dirs, strict=True))
     ]
 
@@ -142,7 +146,7 @@ def multi_worker(two_hosts, demo_data, tmp_path_factory):
     args = [f"--data_dir={demo_data}", "--strategy=multi_worker", "--epochs=2", "--batch_size=8"]
     args.append("--checkpoint_every_steps=3")
     folder = tmp_path_factory.mktemp("uninterrupted")
-    results = [output(p, timeout=900) for p in _start_workers(two_hosts, _cluster(two_hosts), args, [folder] * 2)]
+    results = [output(p, timeout=900) for p in _start_workers(two_hosts, args, [folder] * 2)]
     for status, printed in results:
         assert status == 0, printed[-3000:]
     assert _digest(results[0][1]) == _digest(results[1][1])
@@ -150,21 +154,22 @@ def multi_worker(two_hosts, demo_data, tmp_path_factory):
     return args, _digest(results[0][1])
 
 
-def _started_again(pair, args, model_dir, uninterrupted):
+def _started_again(pair, args, model_dir, uninterrupted, shape="worker"):
     """The job's commands run again to the end: every worker ends with the uninterrupted run's digest. Returns
     what the chief printed."""
-    again = [output(p, timeout=900) for p in _start_workers(pair, _cluster(pair), args, [model_dir] * 2)]
+    again = [output(p, timeout=900) for p in _start_workers(pair, args, [model_dir] * 2, shape)]
     for status, printed in again:
         assert status == 0, printed[-3000:]
         assert _digest(printed) == uninterrupted
     return again[0][1]
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 def test_a_worker_killed_mid_epoch_and_the_job_started_again_ends_as_if_never_stopped(
-    two_hosts, multi_worker, tmp_path
+    two_hosts, multi_worker, tmp_path, shape
 ):
     args, uninterrupted = multi_worker
-    workers = _start_workers(two_hosts, _cluster(two_hosts), args, [tmp_path] * 2)
+    workers = _start_workers(two_hosts, args, [tmp_path] * 2, shape)
     try:
         hosts.wait_for(workers[0], r"step 5/14", 600)
         workers[1].kill()
@@ -172,15 +177,17 @@ def test_a_worker_killed_mid_epoch_and_the_job_started_again_ends_as_if_never_st
         assert status != 0, printed[-3000:]
     finally:
         _stop(*workers)
-    chief = _started_again(two_hosts, args, tmp_path, uninterrupted)
+    chief = _started_again(two_hosts, args, tmp_path, uninterrupted, shape)
     assert re.search(r"Resuming .* at step [3-9]", chief)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".worker", ".claim", ".shared"))]
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 def test_sigterm_to_one_worker_saves_every_worker_at_one_step_and_the_job_resumes_exactly(
-    two_hosts, multi_worker, tmp_path
+    two_hosts, multi_worker, tmp_path, shape
 ):
     args, uninterrupted = multi_worker
-    workers = _start_workers(two_hosts, _cluster(two_hosts), args, [tmp_path] * 2)
+    workers = _start_workers(two_hosts, args, [tmp_path] * 2, shape)
     try:
         hosts.wait_for(workers[0], r"step 4/14", 600)
         workers[1].send_signal(signal.SIGTERM)  # A preemption notice to the host that is not the chief.
@@ -192,13 +199,15 @@ def test_sigterm_to_one_worker_saves_every_worker_at_one_step_and_the_job_resume
         assert status == 143, printed[-3000:]  # Saved: TFJob's ExitCode policy retries 128-255.
         steps.append(re.search(r"stopped by SIGTERM: saved step (\d+)", printed)[1])
     assert steps[0] == steps[1]
-    assert f"at step {steps[0]}:" in _started_again(two_hosts, args, tmp_path, uninterrupted)
+    assert f"at step {steps[0]}:" in _started_again(two_hosts, args, tmp_path, uninterrupted, shape)
+    with open(tmp_path / "eval.json") as f:
+        assert json.load(f)["images"] == 20  # One evaluation, the chief's, of every validation image.
 
 
 def test_workers_given_folders_of_their_own_are_refused_before_step_1(two_hosts, demo_data, tmp_path):
     args = [f"--data_dir={demo_data}", "--strategy=multi_worker", "--epochs=1", "--batch_size=8"]
     folders = [tmp_path / "host_a", tmp_path / "host_b"]  # Each host's own disk.
-    results = [output(p, timeout=600) for p in _start_workers(two_hosts, _cluster(two_hosts), args, folders)]
+    results = [output(p, timeout=600) for p in _start_workers(two_hosts, args, folders)]
     for status, printed in results:
         assert status == 1, printed[-3000:]
         assert "worker(s) 1 cannot see the files the chief (worker 0) writes there" in printed
