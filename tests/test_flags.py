@@ -62,3 +62,27 @@ def test_values_outside_a_settings_choices_and_missing_folders_are_refused(args,
 def test_profile_steps_that_are_not_numbers_are_refused_naming_the_flag():
     with pytest.raises(app.UsageError, match="--profile_steps=a,b"):
         run_flags.config(_parse("--data_dir=d", "--model_dir=m", "--profile_steps=a,b"))
+
+
+def test_readmes_job_manager_manifests_parse_and_name_only_train_flags():
+    """The Vertex AI custom job and the Kubeflow TFJob shown in README, as yaml.safe_load reads them."""
+    import pathlib
+    import re
+
+    import yaml
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    vertex, tfjob = (yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", readme, re.S))
+    pools = vertex["workerPoolSpecs"]
+    assert len(pools) == 2 and all(p["containerSpec"]["command"] == ["python", "train.py"] for p in pools)
+    replicas = tfjob["spec"]["tfReplicaSpecs"]
+    assert tfjob["kind"] == "TFJob" and set(replicas) == {"Chief", "Worker"}
+    assert all(r["restartPolicy"] == "ExitCode" for r in replicas.values())
+    containers = [c for r in replicas.values() for c in r["template"]["spec"]["containers"]]
+    assert {c["name"] for c in containers} == {"tensorflow"}  # The name the operator looks for.
+    values = flags.FlagValues()
+    run_flags.define(values)
+    for args in [p["containerSpec"]["args"] for p in pools] + [c["args"] for c in containers]:
+        names = [a[2:].split("=")[0] for a in args]
+        assert names and all(name in values or name == "flagfile" for name in names), names
+        assert "strategy" in names and "model_dir" in names
