@@ -12,7 +12,7 @@ import tensorflow as tf
 from pipeline.reader import input as data_input
 from pipeline.reader import service as servers_api
 from tests.helpers import TINY_TRAIN_FLAGS, free_ports, output, start, tiny_run_config
-from training import loop
+from training import feed, loop
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,16 @@ def test_a_stop_while_waiting_for_batches_that_never_come_exits_within_the_grace
 def _printed(process):
     process.log.seek(0)
     return process.log.read()
+
+
+def test_a_runs_service_jobs_are_its_own_and_kept_when_it_resumes(tmp_path, monkeypatch):
+    """Two runs given the same relative --model_dir on two machines read other jobs (they would split every epoch
+    between them); one run started again reads its own job again (it rejoins its epoch)."""
+    strategy = tf.distribute.get_strategy()
+    ids = []
+    for machine in ("a", "b"):
+        (tmp_path / machine).mkdir()
+        monkeypatch.chdir(tmp_path / machine)
+        ids.append(feed.service_job_id("run", strategy))
+        assert feed.service_job_id("run", strategy) == ids[-1]
+    assert ids[0] != ids[1]

@@ -264,11 +264,11 @@ def check_shared_model_dir(model_dir, strategy, worker, workers):
         with tf.io.gfile.GFile(path, "w") as f:
             f.write("every worker of a run must see this file\n")
     replicas = strategy.num_replicas_in_sync // workers
-    token = int(_sum_over_replicas(strategy, [token if worker == 0 else 0])[0]) // replicas  # The chief's.
+    token = int(sum_over_replicas(strategy, [token if worker == 0 else 0])[0]) // replicas  # The chief's.
     path = os.path.join(model_dir, f".shared-folder-{token}")
     blind = np.zeros(workers, np.int64)
     blind[worker] = not tf.io.gfile.exists(path)
-    blind = np.flatnonzero(_sum_over_replicas(strategy, blind))  # Every worker has looked.
+    blind = np.flatnonzero(sum_over_replicas(strategy, blind))  # Every worker has looked.
     if worker == 0:
         tf.io.gfile.remove(path)
     if len(blind):
@@ -279,7 +279,7 @@ def check_shared_model_dir(model_dir, strategy, worker, workers):
         )
 
 
-def _sum_over_replicas(strategy, values):
+def sum_over_replicas(strategy, values):
     """values (int64) summed over every replica of every worker: an all-reduce, and so a barrier."""
     values = tf.constant(values, tf.int64)
     reduce = tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.identity(values)), axis=None))

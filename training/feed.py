@@ -3,18 +3,44 @@ reader (pipeline/reader/input.py), or a tf.data service's workers. The loop asks
 batches and the step that consumes them, and does not know which form it has."""
 
 import contextlib
-import hashlib
+import os
+import random
 import threading
 
 import numpy as np
+import tensorflow as tf
 
 from pipeline.reader import input as data_input
 from pipeline.reader import service
-from training import devices, step
+from training import checkpoints, checks, devices, step
+
+JOB_ID = ".service_job"  # In model_dir: the run's own name for its tf.data service jobs.
 
 
 def make_feed(config, strategy, data):
-    return (Service if config.data_service else Planned)(config, strategy, data)
+    if config.data_service:
+        return Service(config, strategy, data, job=f"alexnet-{service_job_id(config.model_dir, strategy):012x}")
+    return Planned(config, strategy, data)
+
+
+def service_job_id(model_dir, strategy):
+    """The run's tf.data service job id: drawn by the chief when the run begins and kept in model_dir, so a resumed
+    run rejoins its epoch's job, while two runs never share one (not even two runs given the same path on two
+    machines); the other workers learn it from the chief through an all-reduce."""
+    chief, path = devices.is_chief(strategy), os.path.join(model_dir, JOB_ID)
+    job = 0
+    if chief:
+        if tf.io.gfile.exists(path):
+            with tf.io.gfile.GFile(path) as f:
+                job = int(f.read().strip() or 0, 16)
+        if not job:
+            job = random.SystemRandom().getrandbits(48)
+            tf.io.gfile.makedirs(model_dir)
+            checkpoints.write_file(path, f"{job:012x}\n")
+    workers = strategy.num_replicas_in_sync // devices.local_replicas(strategy)
+    if workers > 1:  # The sum over every replica of the chief's id (the others give 0), over its replicas.
+        job = int(checks.sum_over_replicas(strategy, [job])[0]) // (strategy.num_replicas_in_sync // workers)
+    return job
 
 
 class Planned:
@@ -87,10 +113,9 @@ class Service(Planned):
     for (training.step.make_service_step), which trains no images; a resumed run rejoins the epoch where the
     service is."""
 
-    def __init__(self, config, strategy, data):
+    def __init__(self, config, strategy, data, job):
         super().__init__(config, strategy, data)
-        # The job this run's trainers share (one per epoch: the job's name, then -epochN).
-        self.job = f"alexnet-{hashlib.sha1(config.model_dir.encode()).hexdigest()[:12]}"
+        self.job = job  # The job this run's trainers share (one per epoch: the job's name, then -epochN).
 
     def _service(self, epoch):
         return dict(data_service=self.config.data_service, job=self.job)

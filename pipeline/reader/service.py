@@ -6,8 +6,10 @@ import socket
 import grpc
 import tensorflow as tf
 
-# A worker not heard from for this long is dropped, and the rest of the epoch goes to the others. TensorFlow's
-# default is an hour; a trainer waits on a lost worker's batches that long.
+# How long the dispatcher waits to hear from a worker before it counts it missing. Read in TensorFlow's sources, it
+# then only logs it: the lost worker's task stays assigned to its address, and a finite epoch ends only when every
+# task has, so a worker that never comes back holds the epoch until one registers at its address again (trainers
+# say so after STALL_SECONDS). An hour by default.
 WORKER_TIMEOUT_SECONDS = 30
 # How long a step may wait for its batch before the trainer looks for why (and says, when it finds something).
 STALL_SECONDS = 45
