@@ -82,7 +82,11 @@ def test_a_consumer_holds_at_most_4_steps_of_a_shared_epoch(demo_data, service):
     assert held <= 4 + 2  # 4 steps of 1 batch, and the two the service client keeps besides.
 
 
-@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)], ids=["sigterm", "ctrl-c x2"])
+@pytest.mark.parametrize(
+    "signals",
+    [(signal.SIGTERM,), pytest.param((signal.SIGINT, signal.SIGINT), marks=pytest.mark.slow)],
+    ids=["sigterm", "ctrl-c x2"],
+)
 def test_a_stop_while_waiting_for_batches_that_never_come_exits_within_the_grace(demo_data, tmp_path, signals):
     """A dispatcher without workers: the first step waits for ever, and Python runs no signal handler meanwhile.
     SIGTERM cannot be honoured after a step that never ends, so the run exits unsaved GRACE_SECONDS later, with the

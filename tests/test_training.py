@@ -490,6 +490,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "--lazy", str(folder)], check=True)  # TensorFlow keeps its event files open.
 
 
+@pytest.mark.slow  # ~50 s, and root for the mount.
 def test_a_full_disk_stops_the_run_saying_what_it_needs_and_the_same_command_continues_once_there_is_room(
     reference, small_disk
 ):
