@@ -143,7 +143,7 @@ class Results:
     def settle(self, position):
         """(position with the pending steps' sums, their means for the log). Steps at the end that trained
         nothing are taken back: they are not steps done. Raises when the loss stopped being a number."""
-        sums = [np.array([float(m[name]) for name in SUMS]) for m in self.pending]
+        sums = [m.values()[: len(SUMS)].astype(np.float64) for m in self.pending]
         self.pending, empty = [], 0
         while sums and sums[-1][SUMS.index("images")] == 0:
             sums.pop()

@@ -48,7 +48,7 @@ def forward(model, images, step, seed):
 
 def distributed_step(model, optimizer, strategy, config):
     """(batch, step, stop) -> the step on every replica: gradients summed over the replicas, the §5 update on each;
-    returns {METRICS: summed over the replicas} (stop: how many workers were told to stop).
+    returns the METRICS summed over the replicas, as one vector (stop: how many workers were told to stop).
     With config.jit_compile each replica's forward and backward pass is one XLA computation (the sum over the
     replicas and the update stay outside it: XLA compiles one device's work)."""
     variables = model.trainable_variables
@@ -71,10 +71,25 @@ def distributed_step(model, optimizer, strategy, config):
         return tf.stack([tf.reduce_sum(losses), top1, top5, tf.cast(tf.size(labels), tf.float32), stop])
 
     def step_on_replicas(batch, step, stop):
-        summed = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, (*batch, step, stop)), None)
-        return dict(zip(METRICS, tf.unstack(summed), strict=True))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, (*batch, step, stop)), None)
 
     return step_on_replicas
+
+
+class Metrics:
+    """A step's METRICS by name. They stay one tensor on the device, read to the host once, when first asked for:
+    the loop looks at each step's a step late, so no step waits for its own."""
+
+    def __init__(self, summed):
+        self.summed, self._host = summed, None
+
+    def values(self):
+        if self._host is None:
+            self._host = self.summed.numpy()
+        return self._host
+
+    def __getitem__(self, name):
+        return self.values()[METRICS.index(name)]
 
 
 def make_train_step(model, optimizer, strategy, config):
@@ -85,7 +100,7 @@ def make_train_step(model, optimizer, strategy, config):
     def train_step(iterator, step, stop):
         return step_on_replicas(next(iterator), step, stop)
 
-    return train_step
+    return lambda iterator, step, stop: Metrics(train_step(iterator, step, stop))
 
 
 def make_service_step(model, optimizer, strategy, config):
@@ -95,7 +110,7 @@ def make_service_step(model, optimizer, strategy, config):
     ones. Such a step is not run with the empty replicas TensorFlow would pad it with: the loss is scaled for a
     whole batch, and oneDNN's convolution gives wrongly shaped results on an empty batch."""
     step_on_replicas = distributed_step(model, optimizer, strategy, config)
-    nothing = lambda: {name: tf.constant(0.0) for name in METRICS}  # noqa: E731
+    nothing = lambda: tf.zeros(len(METRICS))  # noqa: E731
 
     def every_replica_has_images(batch):
         empty = strategy.run(lambda labels: tf.cast(tf.size(labels) == 0, tf.float32), (batch[1],))
@@ -112,4 +127,4 @@ def make_service_step(model, optimizer, strategy, config):
 
         return tf.cond(batch.has_value(), whole_step, nothing)
 
-    return service_step
+    return lambda iterator, step, stop: Metrics(service_step(iterator, step, stop))
