@@ -57,7 +57,9 @@ class RunCheckpoints:
 
     def no_space(self, error):
         """What to say when a write to the run's folder found its disk full."""
-        latest = self.latest.latest_checkpoint or newest_first(os.path.join(self.model_dir, CHECKPOINTS))[:1]
+        latest = self.latest.latest_checkpoint or next(
+            iter(newest_first(os.path.join(self.model_dir, CHECKPOINTS))), None
+        )
         where = f"its last checkpoint, {latest}" if latest else "step 0 (no checkpoint was written)"
         message = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
         return (

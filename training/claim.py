@@ -81,7 +81,15 @@ class Claim:
 
     def _is_live(self, claim):
         if claim["host"] == self.mine["host"]:  # This machine can tell whether the process is still there.
-            return claim.get("start") is not None and _process_start(claim["pid"]) == claim["start"]
+            if claim.get("start") is not None:
+                return _process_start(claim["pid"]) == claim["start"]
+            try:  # No /proc (macOS): whether the pid is there at all.
+                os.kill(claim["pid"], 0)
+                return True
+            except ProcessLookupError:
+                return False
+            except PermissionError:  # Another user's process.
+                return True
         return time.time() - claim["renewed"] < STALE_SECONDS
 
     def _write(self):
