@@ -1,4 +1,4 @@
-# Two commands do everything on a fresh machine: `make demo` and `make test` (README, Install).
+# Two commands do everything on a fresh machine: `make demo` and `make test` (README, Quickstart).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
