@@ -17,6 +17,7 @@ from model.lrn import LocalResponseNorm
 WEIGHT_STD = 0.01  # §5: weights from N(0, 0.01).
 DROPOUT = 0.5  # §4.2.
 ONE_BIAS = ("conv2", "conv4", "conv5", "fc6", "fc7")  # §5: biases 1 here (ReLUs start positive), 0 elsewhere.
+NORMALIZED = ("conv1", "conv2")  # §3.3: LRN after these layers' ReLU.
 CONV1_PAD = ((0, 0), (1, 2), (1, 2), (0, 0))  # 224 + 3 = 227: 11x11 at stride 4 then gives the paper's 55x55.
 # Per tower: (layer, filters, kernel, stride, padding) and (layer, units).
 CONVS = (("conv1", 48, 11, 4, "valid"), ("conv2", 128, 5, 1, "same"), ("conv3", 192, 3, 1, "same"))
@@ -54,7 +55,9 @@ def _conv(name, filters, kernel, stride, padding, std):
 def _init(name, std):
     return dict(
         name=name,
-        activation="relu",  # §3.1: ReLU after every conv and fc layer but the last.
+        # §3.1: ReLU after every conv and fc layer but the last; conv1's and conv2's runs in the LRN layer after
+        # them, in the same loop (model/lrn.py).
+        activation=None if name[:-2] in NORMALIZED else "relu",
         kernel_initializer=keras.initializers.RandomNormal(stddev=std),
         bias_initializer="ones" if name[:-2] in ONE_BIAS else "zeros",
     )
