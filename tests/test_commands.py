@@ -16,8 +16,8 @@ from pipeline import demo_data
 from pipeline.beam import images
 from pipeline.reader import input as data_input
 from tests.helpers import TWO_DEVICES, photos_dir, run
-from tools import serving, similarity
-from training import checkpoints, checks, evaluation
+from tools import check, serving, similarity
+from training import checkpoints, checks, evaluation, recipe
 
 QUIET = ("WARNING", "I0000", "E0000", "W0000", "To enable", "INFO")
 
@@ -247,7 +247,13 @@ def test_check_names_the_devices_times_each_part_and_projects_the_run(demo_data,
         )
         assert float(line[1]) < 1e-4 and float(line[2]) < 1e-6
     assert re.search(r"All-reduce of \d+\.\dM gradients \(\d+ MB float32\) over 2 replicas: \d+ ms", out)
-    step = float(re.search(r"Training step: ([\d.]+) images/s", out)[1])
+    timed = re.search(
+        r"Training step \(batch 16, 64x64 crops, float32\): op by op ([\d.]+) images/s, compiled by XLA "
+        r"\(--jit_compile\) ([\d.]+) images/s \([\d.]+x\): (give --jit_compile|leave --jit_compile off)",
+        out,
+    )
+    step, compiled = float(timed[1]), float(timed[2])
+    assert timed[3] == ("give --jit_compile" if compiled > step else "leave --jit_compile off")
     reader = float(re.search(r"Reader: (\d+) images/s on this host", out)[1])
     bottleneck = re.search(
         r"Bottleneck: (the training step|the reader), ([\d.]+) images/s. An epoch \(63 images\)", out
@@ -255,3 +261,23 @@ def test_check_names_the_devices_times_each_part_and_projects_the_run(demo_data,
     assert bottleneck[1] == ("the reader" if reader < step else "the training step")
     assert float(bottleneck[2]) == pytest.approx(min(step, reader), rel=0.01)
     assert not (tmp_path / "run").exists()  # It writes nothing.
+
+
+@pytest.mark.parametrize(
+    "rates, jit_compile, advice",
+    [
+        ({False: 80.0, True: 40.0}, False, "leave --jit_compile off"),
+        ({False: 80.0, True: 40.0}, True, "leave --jit_compile off (these flags have it)"),
+        ({False: 10.0, True: 80.0}, False, "give --jit_compile (these flags do not)"),
+        ({False: 10.0, True: 80.0}, True, "give --jit_compile"),
+    ],
+)
+def test_check_names_the_faster_step_and_whether_the_flags_have_it(rates, jit_compile, advice):
+    config = recipe.Config(batch_size=128, crop_size=224, jit_compile=jit_compile)
+    line = check.step_advice(config, rates)
+    assert line.endswith(f"({rates[True] / rates[False]:.2f}x): {advice}"), line
+
+
+def test_check_times_only_the_op_by_op_step_of_the_towers():
+    config = recipe.Config(strategy="towers", batch_size=128, crop_size=224)
+    assert "not for --strategy=towers" in check.step_advice(config, {False: 50.0})

@@ -4,11 +4,14 @@ the whole run would take.
 
     python -m tools.check --flagfile=configs/paper.flags --data_dir=DATA --model_dir=RUN [--check_steps=5]
 
-Takes train.py's flags (the same command line, with tools.check in place of train.py) and writes nothing. Every
-finding is printed; a problem that would stop training is printed as such and the checks go on where they can.
-The projection counts training steps only (validation adds a few percent: 50,000 images an epoch, forward only).
+Takes train.py's flags (the same command line, with tools.check in place of train.py) and writes nothing. The step
+is timed op by op and compiled by XLA, and the faster one named (--jit_compile or not): which wins depends on the
+hardware and the precision. Every finding is printed; a problem that would stop training is printed as such and
+the checks go on where they can. The projection counts training steps only (validation adds a few percent: 50,000
+images an epoch, forward only).
 """
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -105,7 +108,8 @@ def all_reduce_seconds(strategy, shapes, repeats=3):
 
 
 def step_rate(strategy, config, data, steps):
-    """Images/s of training steps as train.py takes them, fed one real batch over and over (the step alone)."""
+    """Images/s of training steps as train.py takes them, fed one real batch over and over (the step alone);
+    and the trainable variables' shapes."""
     with strategy.scope():
         model, optimizer = train_step.build_model(config, len(data.labels), data.stats)
     step = train_step.make_train_step(model, optimizer, strategy, config)
@@ -124,6 +128,33 @@ def step_rate(strategy, config, data, steps):
     seconds = _timed(lambda: float(step(iterator, tf.constant(0, tf.int64), zero)["loss"]), steps)
     shapes = [v.shape for v in model.trainable_variables]
     return config.batch_size / seconds, shapes
+
+
+def step_rates(strategy, config, data, steps):
+    """{jit_compile: images/s} of the step op by op (False) and with each replica's forward and backward pass
+    compiled by XLA (True), on the devices the run would use (XLA alone where the run cannot compile: towers);
+    and the trainable variables' shapes. Which is faster depends on the hardware and the precision, so it is
+    measured rather than advised."""
+    choices = (False,) if config.strategy == "towers" else (False, True)
+    rates = {}
+    for jit in choices:
+        rates[jit], shapes = step_rate(strategy, dataclasses.replace(config, jit_compile=jit), data, steps)
+    return rates, shapes
+
+
+def step_advice(config, rates):
+    """The line that says which step to give train.py, from step_rates' measurements."""
+    shape = f"batch {config.batch_size}, {config.crop_size}x{config.crop_size} crops, {config.precision}"
+    if True not in rates:
+        return f"Training step: {rates[False]:.1f} images/s ({shape}; --jit_compile is not for --strategy=towers)"
+    faster = rates[True] > rates[False]
+    advice = "give --jit_compile" if faster else "leave --jit_compile off"
+    if faster != config.jit_compile:
+        advice += " (these flags " + ("have it" if config.jit_compile else "do not") + ")"
+    return (
+        f"Training step ({shape}): op by op {rates[False]:.1f} images/s, compiled by XLA (--jit_compile) "
+        f"{rates[True]:.1f} images/s ({rates[True] / rates[False]:.2f}x): {advice}"
+    )
 
 
 def reader_rate(config, data, batches):
@@ -181,7 +212,8 @@ def check(config, steps, batches):
             + ("" if ok else "  <- PROBLEM"),
             flush=True,
         )
-    rate, shapes = step_rate(strategy, config, data, steps)
+    rates, shapes = step_rates(strategy, config, data, steps)
+    rate = rates[config.jit_compile]  # The run as these flags give it.
     gradients = sum(int(np.prod(s)) for s in shapes)
     if strategy.num_replicas_in_sync > 1:
         seconds = all_reduce_seconds(strategy, shapes)
@@ -192,11 +224,7 @@ def check(config, steps, batches):
         )
     else:
         print(f"All-reduce: none (one replica; {gradients / 1e6:.1f}M gradients)", flush=True)
-    print(
-        f"Training step: {rate:.1f} images/s (batch {config.batch_size}, {config.crop_size}x{config.crop_size} "
-        f"crops, {config.precision})",
-        flush=True,
-    )
+    print(step_advice(config, rates), flush=True)
     workers = strategy.num_replicas_in_sync // devices.local_replicas(strategy)
     needed = rate / workers  # Each worker's reader feeds its share.
     if config.data_service:
