@@ -44,11 +44,23 @@ def random_crop_and_flip(images, size, seed):
 
 def ten_crops(images, size):
     """§4.1's test patches: four corners and the centre, then their mirror images."""
-    height, width = images.shape[1], images.shape[2]
+    return [patch(images) for patch in ten_crop_makers(images.shape[1], images.shape[2], size)]
+
+
+def ten_crop_makers(height, width, size):
+    """§4.1's ten test patches as functions of the images, each making its patch when called (so that a caller
+    can make each when it needs it)."""
     offsets = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size)]
     offsets.append(((height - size) // 2, (width - size) // 2))
-    crops = [images[:, y : y + size, x : x + size] for y, x in offsets]
-    return crops + [tf.reverse(c, axis=[2]) for c in crops]
+
+    def maker(y, x, mirror):
+        def crop(images):
+            patch = images[:, y : y + size, x : x + size]
+            return tf.reverse(patch, axis=[2]) if mirror else patch
+
+        return crop
+
+    return [maker(y, x, mirror) for mirror in (False, True) for y, x in offsets]
 
 
 def lighting_offsets(batch, eigenvalues, eigenvectors, std, seed):

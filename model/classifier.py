@@ -56,5 +56,11 @@ def probabilities(model, images, crops):
     if crops == 1:
         return tf.nn.softmax(tf.cast(model(images, training=False), tf.float32))
     x = model.preprocess.normalize(images)
-    patches = augment.ten_crops(x, model.preprocess.crop_size)
-    return tf.add_n([tf.nn.softmax(tf.cast(model.net(p, training=False), tf.float32)) for p in patches]) / 10
+    size, total = model.preprocess.crop_size, None
+    for crop in augment.ten_crop_makers(x.shape[1], x.shape[2], size):
+        # One patch and its forward pass at a time, each after the one before: ten at once would hold ten
+        # networks' activations (a graph runs what is ready, as many as it has threads).
+        with tf.control_dependencies([] if total is None else [total]):
+            probs = tf.nn.softmax(tf.cast(model.net(crop(x), training=False), tf.float32))
+        total = probs if total is None else total + probs
+    return total / 10

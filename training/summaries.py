@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorflow.core.util import event_pb2
 
 SPLITS = ("train", "validation", "eval")
@@ -46,6 +47,23 @@ def filter_grid(kernels, columns=16):
     return grid(to_displayable(tf.transpose(kernels, [3, 0, 1, 2])), columns)
 
 
+def histogram(name, values, buckets=30):
+    """`tf.summary.histogram`'s summary ([buckets, 3]: left edge, right edge, count; all in the last bucket when
+    every value is the same) in memory of the values' size: TensorBoard's own counts through a float64 one-hot of
+    every value, 4.5 GB for fc6's 19M weights, which was most of a run's peak memory (docs/benchmarks.md)."""
+    values = tf.reshape(values, [-1])
+    low, high = tf.reduce_min(values), tf.reduce_max(values)
+    if high > low:
+        counts = tf.histogram_fixed_width(values, tf.stack([low, high]), nbins=buckets)
+        edges = tf.linspace(tf.cast(low, tf.float64), tf.cast(high, tf.float64), buckets + 1)
+        edges = tf.concat([edges[:-1], [tf.cast(high, tf.float64)]], 0)  # The last edge is the maximum, exactly.
+    else:
+        counts = tf.one_hot(buckets - 1, buckets, on_value=tf.size(values), off_value=0)
+        edges = tf.fill([buckets + 1], tf.cast(high, tf.float64))
+    table = tf.stack([edges[:-1], edges[1:], tf.cast(counts, tf.float64)], axis=1)
+    return tf.summary.write(name, table, metadata=histogram_metadata.create_summary_metadata(None, None))
+
+
 def conv1_kernels(net):
     """Tower a's 48 kernels, then tower b's: Figure 3's upper and lower halves."""
     return tf.concat([tf.convert_to_tensor(net.conv1_a.kernel), tf.convert_to_tensor(net.conv1_b.kernel)], -1)
@@ -76,7 +94,7 @@ class Writers:
         """Per epoch: weight histograms, gradient norms on a fixed probe batch, Figure 3, augmented inputs."""
         with self.writers["train"].as_default(step=step):
             for v in model.net.weights:
-                tf.summary.histogram(f"weights/{v.path}", v)
+                histogram(f"weights/{v.path}", v)
             for path, norm in gradient_norms(model, *probe, seed).items():
                 tf.summary.scalar(f"gradient_norm/{path}", norm)
             tf.summary.image("conv1_filters", filter_grid(conv1_kernels(model.net)))
