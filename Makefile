@@ -39,6 +39,7 @@ benchmarks: $(VENV)/installed
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/serving_resize.py
 	$(PY) benchmarks/serving_memory.py
+	$(PY) benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) $(DEMO)

@@ -19,7 +19,6 @@ Last: decoding images/s per core, and how many host cores (or service workers) o
 """
 
 import contextlib
-import io
 import json
 import os
 import statistics
@@ -29,12 +28,11 @@ import tempfile
 import time
 
 import numpy as np
+import records  # benchmarks/records.py, beside this script.
 import tensorflow as tf
 from absl import app, flags
-from PIL import Image
 
-from pipeline import demo_data, example_spec
-from pipeline.beam import images
+from pipeline import example_spec
 from pipeline.reader import input as data_input
 from training import devices, recipe
 from training import step as train_step
@@ -51,39 +49,6 @@ GPU_IMAGES_PER_SECOND = 20_000
 SHARDS = 16
 WARMUP_BATCHES = 8
 SYNCED = "synthetic, each step's metrics read before the next"
-
-
-def _sources(rng):
-    paths = sorted(tf.io.gfile.glob(_PHOTOS.value)) if _PHOTOS.value else []
-    if paths:
-        return [Image.open(p).convert("RGB") for p in paths], f"real photos ({_PHOTOS.value})"
-    return [demo_data.draw_image(i, rng) for i in range(len(demo_data.CLASSES))], "demo drawings"
-
-
-def write_records(folder, count, seed=0):
-    """count converted records in SHARDS shards, as build_tfrecords writes them, and their sizes in summary.json."""
-    rng = np.random.default_rng(seed)
-    sources, kind = _sources(rng)
-    writers = [tf.io.TFRecordWriter(os.path.join(folder, f"train-{i:05d}-of-{SHARDS:05d}")) for i in range(SHARDS)]
-    sizes = [0] * SHARDS
-    for i in range(count):
-        img = sources[i % len(sources)]
-        w, h = img.size
-        side = int(min(w, h) * rng.uniform(0.5, 1.0))
-        left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-        out = io.BytesIO()
-        img.crop((left, top, left + side, top + side)).save(out, "JPEG", quality=90)
-        jpeg, pixels = images.convert(out.getvalue())
-        record = example_spec.make_example(
-            jpeg=jpeg, height=256, width=256, label=i % 10, synset=f"n{i % 10:08d}", filename=f"{i}.JPEG"
-        )
-        writers[i % SHARDS].write(record)
-        sizes[i % SHARDS] += 1
-    for writer in writers:
-        writer.close()
-    with open(os.path.join(folder, "summary.json"), "w") as f:
-        json.dump({"train": {"shard_sizes": sizes}}, f)
-    return kind
 
 
 def plain(files):
@@ -217,7 +182,7 @@ def main(argv):
             "batches of every epoch are not timed, and as many again are needed to time anything)"
         )
     folder = tempfile.mkdtemp()
-    kind = write_records(folder, _IMAGES.value)
+    kind = records.write(folder, _IMAGES.value, SHARDS, _PHOTOS.value)
     files = data_input.shard_files(folder, "train")
     with open(os.path.join(folder, "summary.json")) as f:
         sizes = data_input.shard_sizes(files, json.load(f), "train")  # Only the training split's part is written.

@@ -31,6 +31,12 @@ TINY = [
         r"photos, limits: \d+ MB peak, 0 of 8 requests refused\n  hostile, limits: \d+ MB peak, 5 of 5 requests "
         r"refused\n  hostile, no limits: \d+ MB peak, 1 of 4",
     ),
+    (
+        "benchmarks/memory.py",
+        ["--batch_size=8", "--classes=10", "--image_size=64", "--crop_size=64", "--records_per_shard=40"],
+        r"training step: [\d,]+ MB at its peak.*\n  10-crop evaluation: [\d,]+ MB.*\n  training reader: [\d,]+ MB "
+        r"above.*\n  train.py .*: [\d,]+ MB at its peak",
+    ),
 ]
 
 
