@@ -211,7 +211,11 @@ def main(argv):
         return lambda: data_input.train_dataset(files, sizes, seed=0, epoch=0, batch_size=_BATCH.value, **kwargs)
 
     def served(address):
-        return lambda: reader(data_service=address, job=f"bench{next(jobs)}")()  # A job per epoch.
+        """One pass of the training set from a run's stream (a job each time, so that none starts half read)."""
+        steps = int(sizes.sum()) // _BATCH.value
+        return lambda: data_input.service_dataset(
+            files, sizes, seed=0, batch_size=_BATCH.value, data_service=address, job=f"bench{next(jobs)}"
+        ).take(steps)
 
     contestants = {
         "plain": placed(lambda: plain(files)),

@@ -33,3 +33,30 @@ def test_the_converters_small_files_killed_mid_write_leave_the_previous_ones_who
 
 def _killed(*args, **kwargs):
     raise KeyboardInterrupt("killed before the rename")
+
+
+def test_a_checkpoint_written_before_the_pass_counts_continues_the_run_where_it_was(tmp_path):
+    """A run folder of the previous version: its checkpoint holds the Position without PASSES, and the run continues
+    from it with every other part of the Position and the weights as saved (the pass counts start at none)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from training import position, recipe, step
+
+    config = recipe.Config(model_dir=str(tmp_path), image_size=64, crop_size=64)
+    stats = {"mean_image": np.zeros((64, 64, 3)), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
+    keras.utils.set_random_seed(1)
+    model, optimizer = step.build_model(config, 3, stats)
+    saved = position.Position(7, 1, 2, recipe.Plateau(0.5, 1, 0), (10.0, 3.0, 4.0, 16.0))
+    state = position.TrainState()
+    state.write(saved)
+    earlier = tf.train.Checkpoint(model=model, optimizer=optimizer, state=position.TrainStateBeforePasses(state))
+    tf.train.CheckpointManager(earlier, str(tmp_path / "checkpoints"), max_to_keep=3).save(checkpoint_number=7)
+    weights = [w.numpy() for w in model.weights]
+    keras.utils.set_random_seed(2)
+    model, optimizer = step.build_model(config, 3, stats)
+    restored = checkpoints.RunCheckpoints(config, model=model, optimizer=optimizer).restore()
+    assert restored == saved and restored.passes == (0.0,) * len(position.PASSES)
+    for before, after in zip(weights, model.weights, strict=True):
+        np.testing.assert_array_equal(before, after.numpy())

@@ -39,53 +39,57 @@ def _stop(*processes):
             process.wait()
 
 
-def test_service_servers_on_one_host_feed_a_trainer_on_another_through_a_lost_worker_and_dispatcher(
+def test_service_servers_on_one_host_feed_two_runs_on_another_through_a_lost_worker_an_added_one_and_a_dispatcher(
     two_hosts, groups_data, tmp_path
 ):
-    """README's commands, no --worker_address: the workers advertise the address the trainer's host reaches.
-    A worker killed mid-epoch: the trainer says what it waits for, naming the worker, until the worker is started
-    again at its address (TensorFlow keeps a lost worker's task); the epoch then completes and the images it
-    missed are printed. The dispatcher killed mid-epoch and started again on its journal: training goes on."""
+    """README's commands, no --worker_address: the workers advertise the address the trainers' host reaches. Two
+    runs read from one dispatcher at once, each its own stream. Mid-epoch 1 one worker is killed and never started
+    again, another is added, then the last original one is killed too: every epoch takes its planned steps from
+    the workers there are. The dispatcher killed and started again on its journal in epoch 2: training goes on.
+    Pass 4, read after all that (the workers' read-ahead too), reaches each run whole: no run got any of the
+    other's batches."""
     servers, trainer_host = two_hosts
     at = servers.address
     dispatcher_command = ["-m", "pipeline.data_service", "--role=dispatcher", "--port=5050"]
     dispatcher_command.append(f"--work_dir={tmp_path / 'journal'}")
-    worker_commands = [
-        ["-m", "pipeline.data_service", "--role=worker", f"--dispatcher={at}:5050", f"--port={port}"]
-        for port in (5051, 5052)
-    ]
+    worker = ["-m", "pipeline.data_service", "--role=worker", f"--dispatcher={at}:5050"]
     dispatcher = servers.start(*dispatcher_command)
     hosts.wait_for(dispatcher, "dispatcher serving at", 120)
-    workers = [servers.start(*command) for command in worker_commands]
-    for worker, port in zip(workers, (5051, 5052), strict=True):
-        hosts.wait_for(worker, rf"worker serving at {re.escape(at)}:{port} ", 120)
-    trainer = trainer_host.start(
-        *TRAIN,
+    workers = [servers.start(*worker, f"--port={port}") for port in (5051, 5052)]
+    for process, port in zip(workers, (5051, 5052), strict=True):
+        hosts.wait_for(process, rf"worker serving at {re.escape(at)}:{port} ", 120)
+    args = [
         f"--data_dir={groups_data}",
-        f"--model_dir={tmp_path / 'run'}",
-        "--epochs=2",
+        "--epochs=5",
         "--batch_size=4",
+        "--learning_rate=0.001",
         "--mirrored_devices=/cpu:0",
-        f"--data_service=grpc://{at}:5050",
-    )
+    ]
+    args.append(f"--data_service=grpc://{at}:5050")
+    runs = [trainer_host.start(*TRAIN, *args, f"--model_dir={tmp_path / name}") for name in ("a", "b")]
     try:
-        hosts.wait_for(trainer, r"step 3/\d+ +epoch 1/2", 300)
-        workers[0].kill()  # Mid-epoch: each worker holds one of the epoch's three splits.
-        workers[0].wait()
-        waiting = hosts.wait_for(trainer, r"Waiting for batches for \d+ s: cannot reach tf.data service worker", 180)
-        assert f"{at}:5051" in hosts.printed(trainer)[waiting.start() :].splitlines()[0]
-        workers[0] = servers.start(*worker_commands[0])  # As a supervisor would: the same command.
-        delivered = hosts.wait_for(trainer, r"epoch 1: the tf.data service delivered (\d+) of the 63", 180)
-        assert int(delivered[1]) < 63  # What the lost worker held is missed, and said.
-        hosts.wait_for(trainer, r"step \d+/\d+ +epoch 2/2", 180)
+        hosts.wait_for(runs[0], r"step 3/78 +epoch 1/5", 300)  # 15, 16, 16, 16 and 15 steps of 4 of the 63 images.
+        workers[0].kill()  # Lost for good: never started again.
+        workers.append(servers.start(*worker, "--port=5053"))
+        hosts.wait_for(workers[-1], rf"worker serving at {re.escape(at)}:5053 ", 120)
+        hosts.wait_for(runs[0], r"step 9/78 ", 300)
+        workers[1].kill()  # Only the added worker is left.
+        hosts.wait_for(runs[0], r"step 20/78 +epoch 2/5", 600)
         dispatcher.kill()
         dispatcher.wait()
         dispatcher = servers.start(*dispatcher_command)  # Its journal in --work_dir: the jobs go on.
-        status, printed = output(trainer, timeout=600)
+        results = [output(run, timeout=600) for run in runs]
     finally:
-        _stop(trainer, dispatcher, *workers)
-    assert status == 0, printed[-3000:]
-    assert "epoch 2/2: train loss" in printed and "weights sha256" in printed
+        _stop(*runs, dispatcher, *workers)
+    jobs = []
+    for status, printed in results:
+        assert status == 0, printed[-3000:]
+        assert "epoch 5/5: train loss" in printed and "weights sha256" in printed
+        for lossy in (1, 2, 3):
+            assert re.search(rf"the tf.data service delivered \d+ of pass {lossy}'s 63 training images", printed)
+        assert "the tf.data service delivered 63 of pass 4's 63 training images; 0 missed" in printed, printed[-3000:]
+        jobs.append(re.search(r"job (alexnet-[0-9a-f]{12})$", printed, re.M)[1])
+    assert jobs[0] != jobs[1]
 
 
 def test_a_trainer_that_cannot_reach_the_service_workers_says_so_within_a_minute(two_hosts, demo_data, tmp_path):
@@ -115,7 +119,7 @@ def test_a_trainer_that_cannot_reach_the_service_workers_says_so_within_a_minute
         )
         started = hosts.wait_for(trainer, "Training images from the tf.data service", 300)
         del started
-        hosts.wait_for(trainer, r"cannot reach tf.data service worker\(s\) localhost:5061 from this host", 120)
+        hosts.wait_for(trainer, r"cannot reach any tf.data service worker \(localhost:5061: .*\) from this host", 120)
     finally:
         _stop(*(p for p in (trainer, worker, dispatcher) if p))
 

@@ -18,7 +18,7 @@ from model import classifier
 from tests.helpers import TWO_DEVICES, tiny_run_config
 from training import checkpoints, checks, devices, evaluation, loop, recipe
 from training import step as train_step
-from training.position import METRICS
+from training.position import METRICS, PASSES
 
 STATS = {"mean_image": np.full((72, 72, 3), 120.0), "eigenvalues": np.ones(3), "eigenvectors": np.eye(3)}
 
@@ -390,27 +390,27 @@ def test_each_precision_trains_with_float32_weights_and_loss_scaling_for_float16
     assert all(changed), [w.path for w, c in zip(model.trainable_weights, changed, strict=True) if not c]
 
 
-def test_from_a_data_service_a_step_some_replica_has_no_batch_for_ends_the_epoch_without_training():
-    """Three batches for two replicas: the second step would leave replica 1 an empty batch (TensorFlow's padding
-    when a trainer's service stream runs dry first)."""
-    # Not collectives: a second strategy's collective all-reduce in one process collides with the training
-    # fixture's (tensorflow/tensorflow#62790, "Shape mismatch in the collective instance 100").
+def test_a_steps_images_are_counted_by_their_pass_relative_to_its_epoch():
+    """Passes before the epoch's previous, its previous, its own, its next, and any later, eagerly and compiled;
+    the step over two replicas sums them, and a batch without passes is all of the epoch's own."""
+    epoch = 3
+    passes = tf.constant([0, 2, 3, 3, 4, 5, 10, 3], tf.int64)
+    expected = [1, 1, 3, 1, 2]
+    for count in (train_step.pass_counts, tf.function(train_step.pass_counts)):
+        np.testing.assert_array_equal(count(passes, tf.constant(epoch, tf.int64)).numpy(), expected)
     strategy = tf.distribute.MirroredStrategy(list(TWO_DEVICES), cross_device_ops=tf.distribute.ReductionToOneDevice())
-    config = _step_config(data_service="grpc://the-service")
+    config = _step_config()
     with strategy.scope():
         model, optimizer = train_step.build_model(config, 4, STATS)
     rng = np.random.default_rng(0)
-    data = (rng.integers(0, 256, (12, 72, 72, 3), dtype=np.uint8), rng.integers(0, 4, 12).astype(np.int32))
-    dataset = strategy.distribute_datasets_from_function(lambda ctx: tf.data.Dataset.from_tensor_slices(data).batch(4))
-    step, iterator = train_step.make_service_step(model, optimizer, strategy, config), iter(dataset)
-    assert step(iterator, tf.constant(0, tf.int64), tf.constant(0.0))["images"] == 8
-    trained = [w.numpy().copy() for w in model.trainable_weights]
-    np.testing.assert_array_equal(_vector(step(iterator, tf.constant(1, tf.int64), tf.constant(1.0))), np.zeros(5))
-    for before, after in zip(trained, model.trainable_weights, strict=True):
-        np.testing.assert_array_equal(before, after.numpy())
-    np.testing.assert_array_equal(
-        _vector(step(iterator, tf.constant(2, tf.int64), tf.constant(0.0))), np.zeros(5)
-    )  # Ended.
+    images, labels = rng.integers(0, 256, (8, 72, 72, 3), dtype=np.uint8), rng.integers(0, 4, 8).astype(np.int32)
+    step = train_step.make_train_step(model, optimizer, strategy, config)
+    for batch, counts in (((images, labels, passes.numpy()), expected), ((images, labels), [0, 0, 8, 0, 0])):
+        dataset = strategy.distribute_datasets_from_function(
+            lambda ctx, b=batch: tf.data.Dataset.from_tensors(b).unbatch().batch(4).repeat()
+        )
+        metrics = step(iter(dataset), tf.constant(0, tf.int64), tf.constant(0.0), epoch=epoch)
+        assert [metrics[name] for name in PASSES] == counts and metrics["images"] == 8
 
 
 def test_towers_on_two_devices_train_every_weight_where_it_lives():

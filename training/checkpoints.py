@@ -11,7 +11,7 @@ import tensorflow as tf
 from model import classifier
 from pipeline.reader import data as folder
 from pipeline.reader import input as data_input
-from training.position import TrainState
+from training.position import TrainState, TrainStateBeforePasses
 
 CHECKPOINTS = "checkpoints"  # The latest few, with everything a resumed run needs.
 BEST = "best"  # The weights of the epoch with the lowest validation top-1 error.
@@ -44,6 +44,9 @@ class RunCheckpoints:
         self.work_dir = self.model_dir if worker is None else os.path.join(self.model_dir, f".worker-{worker}")
         self.state = TrainState()
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, state=self.state)
+        self.before_passes = tf.train.Checkpoint(
+            model=model, optimizer=optimizer, state=TrainStateBeforePasses(self.state)
+        )
         folder = os.path.join(self.work_dir, CHECKPOINTS)
         self.latest = tf.train.CheckpointManager(self.checkpoint, folder, max_to_keep=config.keep_checkpoints)
         best = os.path.join(self.work_dir, BEST)
@@ -75,7 +78,7 @@ class RunCheckpoints:
         found = newest_first(folder)
         for path in found:
             try:
-                self.checkpoint.restore(path).assert_consumed()
+                self._restore(path)
                 return self.state.read()
             except (tf.errors.OpError, ValueError, IndexError, AssertionError) as e:
                 reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0][:200]
@@ -86,6 +89,14 @@ class RunCheckpoints:
                 "start the run again"
             )
         return self.state.read()
+
+    def _restore(self, path):
+        """Everything the checkpoint at path holds, checked whole; one written before the pass counts existed
+        (training/position.py) restores without them."""
+        try:
+            self.checkpoint.restore(path).assert_consumed()
+        except AssertionError:
+            self.before_passes.restore(path).assert_consumed()
 
     def due(self, step):
         """Whether a periodic checkpoint falls after `step` (every N steps, or N minutes since the last save)."""

@@ -1,6 +1,6 @@
 """Where a run's training batches come from, in two forms with one interface: each worker's own planned
-reader (pipeline/reader/input.py), or a tf.data service's workers. The loop asks a feed for an epoch's steps, its
-batches and the step that consumes them, and does not know which form it has."""
+reader (pipeline/reader/input.py), or a tf.data service's workers. The loop asks a feed for an epoch's steps and
+its batches, and what to say of the data at an epoch's end, and does not know which form it has."""
 
 import contextlib
 import os
@@ -12,9 +12,10 @@ import tensorflow as tf
 
 from pipeline.reader import input as data_input
 from pipeline.reader import service
-from training import checkpoints, checks, devices, step
+from training import checkpoints, checks, devices
+from training.position import PASSES
 
-JOB_ID = ".service_job"  # In model_dir: the run's own name for its tf.data service jobs.
+JOB_ID = ".service_job"  # In model_dir: the run's own name for its tf.data service job.
 
 
 def make_feed(config, strategy, data):
@@ -25,8 +26,8 @@ def make_feed(config, strategy, data):
 
 def service_job_id(model_dir, strategy):
     """The run's tf.data service job id: drawn by the chief when the run begins and kept in model_dir, so a resumed
-    run rejoins its epoch's job, while two runs never share one (not even two runs given the same path on two
-    machines); the other workers learn it from the chief through an all-reduce."""
+    run rejoins its job, while two runs never share one (not even two runs given the same path on two machines);
+    the other workers learn it from the chief through an all-reduce."""
     chief, path = devices.is_chief(strategy), os.path.join(model_dir, JOB_ID)
     job = 0
     if chief:
@@ -45,7 +46,7 @@ def service_job_id(model_dir, strategy):
 
 class Planned:
     """Each worker reads its own shards: the epoch's order and length are planned from (seed, epoch), and a
-    resumed epoch skips the steps it took."""
+    resumed epoch skips the steps it took. Every image it reads is of the epoch's pass."""
 
     def __init__(self, config, strategy, data):
         self.config, self.strategy, self.files, self.sizes = config, strategy, data.files["train"], data.sizes["train"]
@@ -70,7 +71,11 @@ class Planned:
     def _pipeline(self):
         return devices.worker_index(self.strategy)
 
-    def dataset(self, epoch, skip_steps):
+    def batches(self, epoch, skip_steps):
+        """An iterator over the epoch's batches, the first skip_steps steps left out."""
+        return iter(self._dataset(epoch, skip_steps))
+
+    def _dataset(self, epoch, skip_steps):
         config = self.config
         return self.strategy.distribute_datasets_from_function(
             lambda ctx: data_input.train_dataset(
@@ -85,15 +90,8 @@ class Planned:
                 pipelines=ctx.num_input_pipelines,
                 skip_steps=skip_steps,
                 deterministic=config.deterministic,
-                **self._service(epoch),
             )
         )
-
-    def _service(self, epoch):
-        return {}
-
-    def make_step(self, model, optimizer):
-        return step.make_train_step(model, optimizer, self.strategy, self.config)
 
     def waiting(self):
         """Around a step: what watches it while it waits for its batches."""
@@ -102,26 +100,48 @@ class Planned:
     def describe(self):
         return None
 
-    def epoch_report(self, images_trained):
-        """Scalars about the epoch's input, and a line for the console (or None)."""
+    def epoch_report(self, position):
+        """Scalars about the epoch's input (position: at the epoch's last step), and a line for the console (or
+        None)."""
         return {}, None
 
 
 class Service(Planned):
-    """A tf.data service's workers read and decode, taking groups of shards as they become free: every image at
-    most once an epoch, whatever the number of workers. The epoch ends at the first step some replica has no batch
-    for (training.step.make_service_step), which trains no images; a resumed run rejoins the epoch where the
-    service is."""
+    """A tf.data service's workers read and decode an endless stream of passes over the training set, taking
+    groups of shards as they become free (pipeline/reader/input.py): every image at most once a pass, whatever the
+    number of workers, and a worker lost or added changes nothing but who decodes. An epoch is the planned steps
+    of one iterator over the stream, kept for the run (a new one each epoch would drop the batches the last one
+    had buffered); its steps keep the passes and the epochs in line. A resumed run rejoins the stream where it
+    is."""
 
     def __init__(self, config, strategy, data, job):
         super().__init__(config, strategy, data)
-        self.job = job  # The job this run's trainers share (one per epoch: the job's name, then -epochN).
+        self.job = job  # The job this run's trainers share.
+        self._iterator = None
 
-    def _service(self, epoch):
-        return dict(data_service=self.config.data_service, job=self.job)
+    def steps(self, epoch):
+        """So many that the steps up to the end of epoch e read (e + 1) passes' images: an epoch's share of one
+        step's batch is not carried into the next forever."""
+        images, batch = int(self.sizes.sum()), self.config.batch_size
+        return (epoch + 1) * images // batch - epoch * images // batch
 
-    def make_step(self, model, optimizer):
-        return step.make_service_step(model, optimizer, self.strategy, self.config)
+    def batches(self, epoch, skip_steps):
+        if self._iterator is None:
+            self._iterator = iter(self.strategy.distribute_datasets_from_function(self._stream))
+        return self._iterator
+
+    def _stream(self, ctx):
+        config = self.config
+        return data_input.service_dataset(
+            self.files,
+            self.sizes,
+            seed=config.seed,
+            batch_size=ctx.get_per_replica_batch_size(config.batch_size),
+            replicas=self.local_replicas,
+            image_size=config.image_size,
+            data_service=config.data_service,
+            job=self.job,
+        )
 
     def shards_at(self, epoch, epoch_step):
         return []  # The service's workers took the groups as they came: any shard may be the one.
@@ -130,17 +150,26 @@ class Service(Planned):
         return ServiceWatch(self.config.data_service)
 
     def describe(self):
-        return f"Training images from the tf.data service at {self.config.data_service}: job {self.job}-epochN"
+        return f"Training images from the tf.data service at {self.config.data_service}: job {self.job}"
 
-    def epoch_report(self, images_trained):
-        """Dynamic sharding delivers each image at most once: what it did not is counted."""
-        planned = int(self.sizes.sum())
-        missed = planned - int(images_trained)
+    def epoch_report(self, position):
+        """Pass e - 1's images, counted over the epochs that trained them, at the end of epoch e: the service
+        delivers each at most once, and what it did not (a lost worker's, a stopped trainer's) is missed."""
+        counts = dict(zip(PASSES, position.passes, strict=True))
+        if not position.epoch:
+            return {}, None
+        images, delivered = int(self.sizes.sum()), int(counts["previous"])
         line = (
-            f"the tf.data service delivered {int(images_trained)} of the {planned} training images; {missed} missed "
-            "(each service worker's last partial batch, and what a lost worker held)"
+            f"the tf.data service delivered {delivered:,} of pass {position.epoch}'s {images:,} training images; "
+            f"{images - delivered:,} missed (what lost service workers, or a stopped trainer, held)"
         )
-        return {"epoch/images_missed": missed}, line
+        if counts["older"]:
+            line += (
+                f"; {int(counts['older']):,} of the epoch's images came from earlier passes: the service began this "
+                "run's job again (a dispatcher started again without --work_dir, or the job unused for "
+                f"{service.JOB_KEPT_SECONDS // 60} minutes)"
+            )
+        return {"epoch/images_missed": images - delivered}, line
 
 
 class ServiceWatch:

@@ -33,7 +33,7 @@ from pipeline.reader import data as folder
 from pipeline.reader import input as data_input
 from training import checkpoints, checks, devices, evaluation, recipe, step, summaries
 from training.feed import make_feed
-from training.position import SUMS
+from training.position import METRICS, PASSES, SUMS
 
 # Saved after SIGTERM: 128 + SIGTERM, as TensorFlow's PreemptionCheckpointHandler exits on GCE. Job managers
 # restart it: Kubeflow's TFJob (restartPolicy: ExitCode) retries 128-255 and treats 1-127 as permanent, which is
@@ -69,7 +69,7 @@ def train_epoch(run, position, preemption, before_step=None):
     at the epoch's last step. Saves and stops the run (Preempted) when some worker was told to stop."""
     config = run.config
     steps = run.feed.steps(position.epoch)
-    batches = iter(run.feed.dataset(position.epoch, skip_steps=position.epoch_step))
+    batches = run.feed.batches(position.epoch, skip_steps=position.epoch_step)
     results = Results()
     while position.epoch_step < steps:
         preemption.alive()
@@ -78,8 +78,6 @@ def train_epoch(run, position, preemption, before_step=None):
             preemption.saving = True
             run.checkpoints.save(position)
             raise Preempted(position.step, preemption.signal)
-        if results.ran_out():  # The feed's epoch ended before its plan (a tf.data service's does).
-            break
         if before_step:
             before_step(position.step + 1)
         with run.profiler.step(position.step + 1):
@@ -97,9 +95,10 @@ def take_step(run, batches, position, stop=0.0):
     """The next step, at §5's rate for it; its metrics, still on the device. A corrupt or short shard stops the
     run, named. stop (1.0: this worker was told to stop) travels in the metrics to every worker."""
     run.optimizer.learning_rate.assign(learning_rate(run.config, position))
+    number, stop = tf.constant(position.step, tf.int64), tf.constant(stop, tf.float32)
     try:
         with run.feed.waiting():
-            return run.train_step(batches, tf.constant(position.step, tf.int64), tf.constant(stop, tf.float32))
+            return run.train_step(batches, number, stop, epoch=position.epoch)
     except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError) as e:
         # A corrupt record fails the input of the replica that reads it (DataLossError), an image that does not
         # decode its decoder (InvalidArgumentError); with several devices another replica may see its input end
@@ -135,25 +134,17 @@ class Results:
     def stop_requested(self):
         return (self._finished("stop") or 0) > 0
 
-    def ran_out(self):
-        """Whether a step trained no images: the feed has no more this epoch (once one is empty, every later one
-        is)."""
-        return self._finished("images") == 0
-
     def settle(self, position):
-        """(position with the pending steps' sums, their means for the log). Steps at the end that trained
-        nothing are taken back: they are not steps done. Raises when the loss stopped being a number."""
-        sums = [m.values()[: len(SUMS)].astype(np.float64) for m in self.pending]
-        self.pending, empty = [], 0
-        while sums and sums[-1][SUMS.index("images")] == 0:
-            sums.pop()
-            empty += 1
-        total = np.sum(sums, axis=0) if sums else np.zeros(len(SUMS))
-        position = position.after_steps(-empty)
+        """(position with the pending steps' sums, their means for the log). Raises when the loss stopped being a
+        number."""
+        metrics = [m.values().astype(np.float64) for m in self.pending]
+        steps, self.pending = len(metrics), []
+        total = np.sum(metrics, axis=0) if metrics else np.zeros(len(METRICS))
+        sums, passes = total[: len(SUMS)], total[METRICS.index(PASSES[0]) :]
         checks.finite(
-            total, f"the loss is not a number at step {position.step}: lower --learning_rate (or add --warmup_steps)"
+            sums, f"the loss is not a number at step {position.step}: lower --learning_rate (or add --warmup_steps)"
         )
-        return position.with_sums(total), {**summaries.mean_metrics(total), "steps": len(sums)}
+        return position.with_sums(sums, passes), {**summaries.mean_metrics(sums), "steps": steps}
 
 
 def log(run, position, results, epoch_steps):
@@ -177,7 +168,7 @@ def end_epoch(run, position, seconds, preemption=None):
         run.checkpoints.save(position)
         raise Preempted(position.step, preemption.signal) from None
     plateau = position.plateau.update(validation["top1_error"], config.lr_patience, config.lr_drops)
-    feed_scalars, feed_line = run.feed.epoch_report(position.epoch_sums[SUMS.index("images")])
+    feed_scalars, feed_line = run.feed.epoch_report(position)
     if feed_line and run.chief:
         print(f"epoch {epoch + 1}: {feed_line}", flush=True)
     scalars = {f"epoch/{k}": v for k, v in train.items()} | {"epoch/epoch": epoch + 1} | feed_scalars
@@ -258,7 +249,7 @@ class Run:
     data: folder.Data
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
-    feed: object  # training/feed.py: the training batches, and the step that takes them.
+    feed: object  # training/feed.py: the training batches.
     train_step: object
     checkpoints: checkpoints.RunCheckpoints
     writers: summaries.Writers
@@ -310,7 +301,7 @@ def build(config, strategy, data, claim):
         model,
         optimizer,
         feed,
-        feed.make_step(model, optimizer),
+        step.make_train_step(model, optimizer, strategy, config),
         saved,
         summaries.Writers(config.model_dir, enabled=chief),
         summaries.Progress(total_steps, config.epochs, config.batch_size, position.step, enabled=chief),

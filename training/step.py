@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from model import classifier, draws
 from training import evaluation, recipe
-from training.position import METRICS
+from training.position import METRICS, PASSES
 
 
 def build_model(config, num_classes, stats, tower_devices=True):
@@ -46,11 +46,18 @@ def forward(model, images, step, seed):
     return tf.cast(model(images, training=True, seed=replica_seed(seed, step)), tf.float32)
 
 
+def pass_counts(passes, epoch):
+    """Images of each of PASSES relative to `epoch`, from each image's pass."""
+    slots = tf.clip_by_value(tf.cast(passes, tf.int64) - tf.cast(epoch, tf.int64) + 2, 0, len(PASSES) - 1)
+    return tf.math.bincount(tf.cast(slots, tf.int32), minlength=len(PASSES), maxlength=len(PASSES), dtype=tf.float32)
+
+
 def distributed_step(model, optimizer, strategy, config):
-    """(batch, step, stop) -> the step on every replica: gradients summed over the replicas, the §5 update on each;
-    returns the METRICS summed over the replicas, as one vector (stop: how many workers were told to stop).
-    With config.jit_compile each replica's forward and backward pass is one XLA computation (the sum over the
-    replicas and the update stay outside it: XLA compiles one device's work)."""
+    """(batch, step, epoch, stop) -> the step on every replica: gradients summed over the replicas, the §5 update
+    on each; returns the METRICS summed over the replicas, as one vector (stop: how many workers were told to stop).
+    A batch is (images, labels) of the epoch's own pass, or (images, labels, passes) from a tf.data service's
+    stream. With config.jit_compile each replica's forward and backward pass is one XLA computation (the sum over
+    the replicas and the update stay outside it: XLA compiles one device's work)."""
     variables = model.trainable_variables
 
     def gradients(images, labels, step):
@@ -64,14 +71,18 @@ def distributed_step(model, optimizer, strategy, config):
     if config.jit_compile:
         gradients = tf.function(gradients, jit_compile=True)
 
-    def replica_step(images, labels, step, stop):
+    def replica_step(batch, step, epoch, stop):
+        images, labels = batch[:2]
+        passes = batch[2] if len(batch) > 2 else tf.fill(tf.shape(labels), tf.cast(epoch, tf.int64))
         grads, losses, logits = gradients(images, labels, step)
         optimizer.apply_gradients(zip(grads, variables, strict=True))
         top1, top5 = (tf.reduce_sum(evaluation.top_k_misses(labels, logits, k)) for k in (1, 5))
-        return tf.stack([tf.reduce_sum(losses), top1, top5, tf.cast(tf.size(labels), tf.float32), stop])
+        counts = [tf.reduce_sum(losses), top1, top5, tf.cast(tf.size(labels), tf.float32), stop]
+        return tf.concat([tf.stack(counts), pass_counts(passes, epoch)], 0)
 
-    def step_on_replicas(batch, step, stop):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, (*batch, step, stop)), None)
+    def step_on_replicas(batch, step, epoch, stop):
+        summed = strategy.run(replica_step, (tuple(batch), step, epoch, stop))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, summed, None)
 
     return step_on_replicas
 
@@ -93,38 +104,12 @@ class Metrics:
 
 
 def make_train_step(model, optimizer, strategy, config):
-    """A compiled step over the next batch of every replica; the epoch's plan says how many there are."""
+    """A compiled step over the next batch of every replica; the epoch's plan says how many there are. Called as
+    step(iterator, step, stop, epoch=0), its metrics count the images by pass relative to `epoch`."""
     step_on_replicas = distributed_step(model, optimizer, strategy, config)
 
     @tf.function
-    def train_step(iterator, step, stop):
-        return step_on_replicas(next(iterator), step, stop)
+    def train_step(iterator, step, stop, epoch):
+        return step_on_replicas(next(iterator), step, epoch, stop)
 
-    return lambda iterator, step, stop: Metrics(train_step(iterator, step, stop))
-
-
-def make_service_step(model, optimizer, strategy, config):
-    """A compiled step fed by a tf.data service, whose epoch has no planned length: it ends, on every worker at
-    once (zero metrics returned, nothing run), at the first step some replica has no batch for. The service's
-    workers drop their partial batches, and under several trainers another one's prefetching may hold the last
-    ones. Such a step is not run with the empty replicas TensorFlow would pad it with: the loss is scaled for a
-    whole batch, and oneDNN's convolution gives wrongly shaped results on an empty batch."""
-    step_on_replicas = distributed_step(model, optimizer, strategy, config)
-    nothing = lambda: tf.zeros(len(METRICS))  # noqa: E731
-
-    def every_replica_has_images(batch):
-        empty = strategy.run(lambda labels: tf.cast(tf.size(labels) == 0, tf.float32), (batch[1],))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, empty, None) == 0  # Over every worker's replicas.
-
-    @tf.function
-    def service_step(iterator, step, stop):
-        batch = iterator.get_next_as_optional()
-
-        def whole_step():
-            value = batch.get_value()
-            run = lambda: step_on_replicas(value, step, stop)  # noqa: E731
-            return tf.cond(every_replica_has_images(value), run, nothing)
-
-        return tf.cond(batch.has_value(), whole_step, nothing)
-
-    return lambda iterator, step, stop: Metrics(service_step(iterator, step, stop))
+    return lambda iterator, step, stop, epoch=0: Metrics(train_step(iterator, step, stop, tf.constant(epoch, tf.int64)))

@@ -148,23 +148,14 @@ def train_dataset(
     pipelines=1,
     skip_steps=0,
     deterministic=True,
-    data_service=None,
-    job="alexnet",
 ):
     """Epoch `epoch` of the training set for one input pipeline: batches of (uint8 images, int32 labels) of
     `batch_size` (per replica), `replicas` batches a step, the first `skip_steps` steps left out. Decoding runs
-    in parallel, in order when `deterministic`.
-
-    With `data_service` (grpc://HOST:PORT of a tf.data service dispatcher) the reading and decoding run on the
-    service's workers, which take groups as they become free ("distributed_epoch"): every image once per epoch,
-    whatever the number of workers. Consumers naming the same `job` share its epochs (the workers of one run);
-    a resumed run rejoins the epoch where the service is. The order depends on the workers' timing."""
-    if data_service:
-        pipeline, pipelines = 0, 1  # The service deals the groups to its workers and the batches to consumers.
+    in parallel, in order when `deterministic`."""
     step_size = batch_size * replicas
     plan = dict(seed=seed, epoch=epoch, step_size=step_size, pipeline=pipeline, pipelines=pipelines)
     groups, steps = epoch_plan(sizes, **plan)
-    skip, first = (0 if data_service else skip_steps * step_size), 0  # The service's job knows where it is.
+    skip, first = skip_steps * step_size, 0
     while first < len(groups) and sizes[groups[first]].sum() <= skip:  # Whole groups: never opened.
         skip -= int(sizes[groups[first]].sum())
         first += 1
@@ -175,22 +166,52 @@ def train_dataset(
     ds = ds.skip(skip)  # Serialized records: read, not decoded.
     ds = ds.map(lambda r: decode(r, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
-    if data_service:
-        return ds.apply(
-            tf.data.experimental.service.distribute(
-                processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
-                service=data_service,
-                job_name=f"{job}-epoch{epoch}",
-                # Decoded pixels barely compress, and compressing them cost more than sending them
-                # (docs/benchmarks.md, "Input pipeline").
-                compression=None,
-                # Also this consumer's prefetch buffer. Bounded, so that a trainer starting first cannot take
-                # the epoch's batches from the others (the job is shared first-come first-served, and the epoch
-                # ends at the first step some replica has no batch for): each holds at most 4 steps' worth.
-                max_outstanding_requests=4 * replicas,
-            )
-        )
     return ds.take((steps - skip_steps) * replicas).prefetch(tf.data.AUTOTUNE)
+
+
+def service_dataset(files, sizes, *, seed, batch_size, data_service, job, replicas=1, image_size=256):
+    """The training set through a tf.data service: an endless stream of passes over it, each pass's shards
+    permuted by (seed, pass) and read GROUP_SHARDS at a time as the reader does, as batches of (uint8 images, int32
+    labels, int64 passes: the pass each image is of) of `batch_size`. Every consumer naming `job` shares the one
+    stream (the workers of one run; a resumed run rejoins it), and the service's workers take its groups as they
+    become free ("distributed_epoch"): each image at most once a pass, whatever the number of workers.
+
+    The job never ends, so an epoch is what the trainer reads of it (the planned steps): TensorFlow ends a finite
+    job only when every task has, and the task of a worker that never comes back never does; a worker added later
+    takes its share of the stream. What a lost worker held is missed once, and counted by pass. The order depends
+    on the workers' timing."""
+    shards = [i for i in range(len(sizes)) if sizes[i]]
+    names = tf.constant([files[i] for i in shards])
+    groups = -(-len(shards) // GROUP_SHARDS)
+
+    def group(index):
+        """The records of the index-th group of the stream, shuffled, with their pass."""
+        this_pass, number = index // groups, index % groups
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(shards)), pass_seed(seed, this_pass))
+        records = _shuffled_group(
+            number, tf.gather(names, order[number * GROUP_SHARDS :][:GROUP_SHARDS]), seed, this_pass
+        )
+        return tf.data.Dataset.from_tensor_slices((records, tf.fill(tf.shape(records), this_pass)))
+
+    ds = tf.data.Dataset.range(2**62).flat_map(group)  # Each element of the range is a split the service deals.
+    ds = ds.map(lambda r, p: (*decode(r, image_size), p), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.apply(
+        tf.data.experimental.service.distribute(
+            processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+            service=data_service,
+            job_name=job,
+            # Decoded pixels barely compress, and compressing them cost more than sending them
+            # (docs/benchmarks.md, "Input pipeline").
+            compression=None,
+            # Also this consumer's prefetch buffer, and what it holds when its trainer stops: 4 steps' worth.
+            max_outstanding_requests=4 * replicas,
+        )
+    )
+
+
+def pass_seed(seed, this_pass):
+    return tf.random.experimental.stateless_fold_in(tf.convert_to_tensor([seed, 1], tf.int64), this_pass)
 
 
 def eval_steps(sizes, step_size, pipelines=1):

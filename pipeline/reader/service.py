@@ -7,10 +7,13 @@ import grpc
 import tensorflow as tf
 
 # How long the dispatcher waits to hear from a worker before it counts it missing. Read in TensorFlow's sources, it
-# then only logs it: the lost worker's task stays assigned to its address, and a finite epoch ends only when every
-# task has, so a worker that never comes back holds the epoch until one registers at its address again (trainers
-# say so after STALL_SECONDS). An hour by default.
+# then only logs it: the lost worker's task stays assigned to its address (a worker started again there takes it
+# up), and a finite job ends only when every task has. So a run reads one job that never ends
+# (pipeline/reader/input.py: service_dataset), which a worker lost for good does not hold up. An hour by default.
 WORKER_TIMEOUT_SECONDS = 30
+# How long the dispatcher keeps a job no trainer reads (TensorFlow's default: 5 minutes): a stopped run started
+# again within it rejoins its stream where it was; after it, the run's job begins again at the first pass.
+JOB_KEPT_SECONDS = 3600
 # How long a step may wait for its batch before the trainer looks for why (and says, when it finds something).
 STALL_SECONDS = 45
 
@@ -24,6 +27,7 @@ def start(role, port=0, dispatcher=None, worker_address=None, work_dir=None):
             work_dir=work_dir,
             fault_tolerant_mode=bool(work_dir),
             worker_timeout_ms=WORKER_TIMEOUT_SECONDS * 1000,
+            job_gc_timeout_ms=JOB_KEPT_SECONDS * 1000,
         )
         return service.DispatchServer(config)
     if not dispatcher:
@@ -83,10 +87,12 @@ def diagnose(dispatcher):
     lost = [address for address in workers if not reachable(address)]
     if not lost:
         return None
+    if len(lost) < len(workers):
+        return None  # The others serve: the stream goes on without the lost ones.
     return (
-        f"cannot reach tf.data service worker(s) {', '.join(lost)} from this host (the dispatcher gave their "
-        "addresses): start each worker with --worker_address=ADDRESS:%port% at an address trainers can reach, "
-        "and open its port"
+        f"cannot reach any tf.data service worker ({', '.join(lost)}: the addresses the dispatcher gave) from this "
+        "host: if they stopped, start them again or start others; if they run, start each with "
+        "--worker_address=ADDRESS:%port% at an address trainers can reach, and open its port"
     )
 
 
