@@ -40,6 +40,7 @@ benchmarks: $(VENV)/installed
 	$(PY) benchmarks/serving_resize.py
 	$(PY) benchmarks/serving_memory.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/service_fleet.py
 
 clean:
 	rm -rf $(VENV) $(DEMO)

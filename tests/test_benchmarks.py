@@ -32,6 +32,12 @@ TINY = [
         r"refused\n  hostile, no limits: \d+ MB peak, 1 of 4",
     ),
     (
+        "benchmarks/service_fleet.py",
+        ["--splits=3", "--items=16", "--item_ms=5", "--consumers=1"],
+        r"first come, first served, 1 consumer\(s\): missed by pass \{.*\}; duplicates 0\n(    step .*\n)+"
+        r"  coordinated reads, 1 consumer\(s\): missed by pass",
+    ),
+    (
         "benchmarks/memory.py",
         ["--batch_size=8", "--classes=10", "--image_size=64", "--crop_size=64", "--records_per_shard=40"],
         r"training step: [\d,]+ MB at its peak.*\n  10-crop evaluation: [\d,]+ MB.*\n  training reader: [\d,]+ MB "
