@@ -163,7 +163,7 @@ def step_rates(files, sizes, rounds):
         for name, iterator in iterators.items():
             start, cpu = time.perf_counter(), time.process_time()
             for i in range(_STEPS.value):
-                metrics = step(iterator, tf.constant(i, tf.int64), tf.constant(0.0))
+                metrics = step(next(iterator), tf.constant(i, tf.int64), tf.constant(0.0))
                 if name == SYNCED:
                     float(metrics["loss"])
             float(metrics["loss"])

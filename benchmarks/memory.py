@@ -87,7 +87,7 @@ def train_part():
     held = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in (*model.weights, *optimizer.variables))
     step = train_step.make_train_step(model, optimizer, strategy, config)
     batches = iter(tf.data.Dataset.from_tensors(_batch(config, config.batch_size)).repeat())
-    built, peak = _peak_of(lambda: step(batches, tf.constant(0, tf.int64), tf.constant(0.0)).values(), 3)
+    built, peak = _peak_of(lambda: step(next(batches), tf.constant(0, tf.int64), tf.constant(0.0)).values(), 3)
     return {"runtime": start, "built": built, "peak": peak, "weights_and_momentum": held / MB}
 
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import keras
@@ -16,7 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from model import classifier
 from tests.helpers import TWO_DEVICES, tiny_run_config
-from training import checkpoints, checks, devices, evaluation, loop, recipe
+from training import checkpoints, checks, devices, evaluation, feed, loop, recipe
 from training import step as train_step
 from training.position import METRICS, PASSES
 
@@ -157,6 +158,61 @@ def test_a_stop_during_validation_or_by_ctrl_c_saves_at_once_and_resumes_exactly
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     signal.signal(signal.SIGINT, previous)
+
+
+def test_a_stop_while_the_next_batch_never_comes_saves_the_steps_before_it_and_resumes_exactly(
+    reference, monkeypatch, tmp_path
+):
+    """The reader stalls before step 5 (as a stalled bucket or a tf.data service without live workers would) and
+    SIGTERM comes while the step waits: the run saves the 4 steps it took within a second or so and stops; started
+    again, it ends with the uninterrupted run's weights."""
+    config = dataclasses.replace(reference[0], model_dir=str(tmp_path))
+    stalled, real = threading.Event(), feed.Planned.batches
+
+    def stalling(self, epoch, skip_steps):
+        batches = real(self, epoch, skip_steps)
+        for step in range(skip_steps, self.steps(epoch)):
+            if epoch == 1 and step == 1:  # Step 5: 3 steps an epoch.
+                stalled.set()
+                threading.Event().wait()  # For ever: the fetching thread is a daemon.
+            yield next(batches)
+
+    sent = []
+
+    def notice_when_stalled():
+        stalled.wait()
+        time.sleep(1)
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(feed.Planned, "batches", stalling)
+        threading.Thread(target=notice_when_stalled, daemon=True).start()
+        with pytest.raises(loop.Preempted) as stopped:
+            loop.train(config)
+    assert time.monotonic() - sent[0] < loop.Preemption.GRACE_SECONDS  # Saved, not given up on.
+    assert stopped.value.step == 4 and checkpoints.resolve(config.model_dir, "latest").endswith("ckpt-4")
+    assert loop.train(config) == reference[1]
+
+
+def test_a_stop_no_worker_can_save_at_ends_the_run_unsaved_within_the_grace(monkeypatch):
+    """Several workers must save at one step; a worker whose step never ends (its input, or a collective waiting
+    for a lost peer) exits with the preemption's status GRACE_SECONDS after the request, its last checkpoint
+    standing."""
+    exits = []
+    monkeypatch.setattr(loop.Preemption, "GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(loop.os, "_exit", exits.append)
+    preemption = loop.Preemption()
+    preemption._act(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert exits == [143]
+    preemption = loop.Preemption()
+    preemption._act(signal.SIGTERM)
+    preemption.saving = True  # It saved in time: the watch stands down.
+    time.sleep(1)
+    assert exits == [143]
 
 
 @pytest.mark.slow  # 1 min: a §4-style unlucky moment, kept out of the default suite's time.
@@ -370,7 +426,7 @@ def test_a_compiled_step_trains_as_the_op_by_op_step_with_each_replicas_own_draw
             lambda ctx, d=data: tf.data.Dataset.from_tensors(d).unbatch().batch(4).repeat()
         )
         step, iterator = train_step.make_train_step(model, optimizer, strategy, config), iter(dataset)
-        metrics[jit] = [_vector(step(iterator, tf.constant(i, tf.int64), tf.constant(0.0))) for i in range(3)]
+        metrics[jit] = [_vector(step(next(iterator), tf.constant(i, tf.int64), tf.constant(0.0))) for i in range(3)]
         weights[jit] = [w.numpy() for w in model.trainable_weights]
     np.testing.assert_allclose(metrics[True], metrics[False], rtol=1e-4)
     for compiled, op_by_op in zip(weights[True], weights[False], strict=True):
@@ -383,7 +439,7 @@ def test_each_precision_trains_with_float32_weights_and_loss_scaling_for_float16
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
     before = [w.numpy().copy() for w in model.trainable_weights]
     for i in range(2):
-        metrics = step(iterator, tf.constant(i, tf.int64), tf.constant(0.0))
+        metrics = step(next(iterator), tf.constant(i, tf.int64), tf.constant(0.0))
     assert np.isfinite(_vector(metrics)).all() and metrics["images"] == 8
     assert all(w.dtype == "float32" for w in model.trainable_weights)
     changed = [not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights, strict=True)]
@@ -409,7 +465,7 @@ def test_a_steps_images_are_counted_by_their_pass_relative_to_its_epoch():
         dataset = strategy.distribute_datasets_from_function(
             lambda ctx, b=batch: tf.data.Dataset.from_tensors(b).unbatch().batch(4).repeat()
         )
-        metrics = step(iter(dataset), tf.constant(0, tf.int64), tf.constant(0.0), epoch=epoch)
+        metrics = step(next(iter(dataset)), tf.constant(0, tf.int64), tf.constant(0.0), epoch=epoch)
         assert [metrics[name] for name in PASSES] == counts and metrics["images"] == 8
 
 
@@ -419,7 +475,7 @@ def test_towers_on_two_devices_train_every_weight_where_it_lives():
     )
     before = [w.numpy().copy() for w in model.trainable_weights]
     for i in range(2):
-        step(iterator, tf.constant(i, tf.int64), tf.constant(0.0))
+        step(next(iterator), tf.constant(i, tf.int64), tf.constant(0.0))
     changed = [not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights, strict=True)]
     assert all(changed)
     for w, momentum in zip(model.trainable_weights, optimizer.momentums, strict=True):  # Momentum beside weights.

@@ -125,7 +125,7 @@ def step_rate(strategy, config, data, steps):
     dataset = strategy.distribute_datasets_from_function(lambda _: tf.data.Dataset.from_tensors(batch).repeat())
     iterator = iter(dataset)
     zero = tf.constant(0.0)
-    seconds = _timed(lambda: float(step(iterator, tf.constant(0, tf.int64), zero)["loss"]), steps)
+    seconds = _timed(lambda: float(step(next(iterator), tf.constant(0, tf.int64), zero)["loss"]), steps)
     shapes = [v.shape for v in model.trainable_variables]
     return config.batch_size / seconds, shapes
 

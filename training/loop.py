@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import os
+import queue
 import signal
 import threading
 import time
@@ -69,36 +70,46 @@ def train_epoch(run, position, preemption, before_step=None):
     at the epoch's last step. Saves and stops the run (Preempted) when some worker was told to stop."""
     config = run.config
     steps = run.feed.steps(position.epoch)
-    batches = run.feed.batches(position.epoch, skip_steps=position.epoch_step)
+    batches = Fetcher(run.feed.batches(position.epoch, skip_steps=position.epoch_step))
+    # One worker alone can save while it waits for input; several must agree on the step (the request rides in
+    # the steps' metrics), so theirs stands until it can.
+    alone = run.feed.pipelines == 1
     results = Results()
-    while position.epoch_step < steps:
-        preemption.alive()
-        if results.stop_requested():  # Every worker agrees on this step: see Preemption.
-            position = results.settle(position)[0]
-            preemption.saving = True
-            run.checkpoints.save(position)
-            raise Preempted(position.step, preemption.signal)
-        if before_step:
-            before_step(position.step + 1)
-        with run.profiler.step(position.step + 1):
-            results.add(take_step(run, batches, position, preemption.requested))
-        position = position.after_steps(1)
-        if position.step % config.log_every_steps == 0 or position.epoch_step == steps:
-            position = log(run, position, results, steps)
-        if position.epoch_step < steps and run.checkpoints.due(position.step):
-            position = results.settle(position)[0]
-            run.checkpoints.save(position)
+    try:
+        while position.epoch_step < steps:
+            preemption.alive()
+            if results.stop_requested():  # Every worker agrees on this step: see Preemption.
+                raise StopRequested()
+            if before_step:
+                before_step(position.step + 1)
+            with run.profiler.step(position.step + 1):
+                results.add(take_step(run, batches, position, preemption, alone))
+            position = position.after_steps(1)
+            if position.step % config.log_every_steps == 0 or position.epoch_step == steps:
+                position = log(run, position, results, steps)
+            if position.epoch_step < steps and run.checkpoints.due(position.step):
+                position = results.settle(position)[0]
+                run.checkpoints.save(position)
+    except StopRequested:
+        position = results.settle(position)[0]
+        preemption.saving = True
+        run.checkpoints.save(position)
+        raise Preempted(position.step, preemption.signal) from None
+    finally:
+        batches.close()
     return results.settle(position)[0]
 
 
-def take_step(run, batches, position, stop=0.0):
+def take_step(run, batches, position, preemption, alone=False):
     """The next step, at §5's rate for it; its metrics, still on the device. A corrupt or short shard stops the
-    run, named. stop (1.0: this worker was told to stop) travels in the metrics to every worker."""
-    run.optimizer.learning_rate.assign(learning_rate(run.config, position))
-    number, stop = tf.constant(position.step, tf.int64), tf.constant(stop, tf.float32)
+    run, named. A stop request (SIGTERM, Ctrl-C) travels in the step's metrics to every worker; one that comes
+    while this worker, training alone, waits for the batch raises StopRequested (nothing of the step has run)."""
+    stop = tf.constant(preemption.requested, tf.float32)
     try:
         with run.feed.waiting():
-            return run.train_step(batches, number, stop, epoch=position.epoch)
+            batch = batches.next(lambda: alone and preemption.requested)
+        run.optimizer.learning_rate.assign(learning_rate(run.config, position))
+        return run.train_step(batch, tf.constant(position.step, tf.int64), stop, epoch=position.epoch)
     except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError) as e:
         # A corrupt record fails the input of the replica that reads it (DataLossError), an image that does not
         # decode its decoder (InvalidArgumentError); with several devices another replica may see its input end
@@ -109,6 +120,48 @@ def take_step(run, batches, position, stop=0.0):
         likely = run.feed.shards_at(position.epoch, position.epoch_step)
         files, size = run.data.files["train"], run.config.image_size
         raise checks.data_error(files, "training", e, where, likely, image_size=size) from None
+
+
+class StopRequested(Exception):
+    """A stop request the run can act on at this step: every worker's, or one that came while a worker training
+    alone waited for its next batch."""
+
+
+class Fetcher:
+    """An epoch's batches, each fetched by a thread of its own while the main thread waits for it in slices: Python
+    runs nothing on a main thread that TensorFlow blocks, and input that never comes (a tf.data service without
+    live workers, a stalled bucket) would otherwise hold off a stop request for ever. Nothing of a step has run
+    while its batch is awaited, so the run can save there."""
+
+    WAIT_SLICE_SECONDS = 0.25
+
+    def __init__(self, batches):
+        self.batches, self.asked, self.got = batches, queue.Queue(), queue.Queue()
+        threading.Thread(target=self._fetch, daemon=True).start()
+
+    def _fetch(self):
+        while self.asked.get():
+            try:
+                self.got.put((next(self.batches), None))
+            except BaseException as e:  # Raised where the batch is awaited.
+                self.got.put((None, e))
+
+    def next(self, stop):
+        """The next batch; StopRequested when stop() while it is awaited."""
+        self.asked.put(True)
+        while True:
+            try:
+                batch, error = self.got.get(timeout=self.WAIT_SLICE_SECONDS)
+            except queue.Empty:
+                if stop():
+                    raise StopRequested() from None
+                continue
+            if error is not None:
+                raise error
+            return batch
+
+    def close(self):
+        self.asked.put(False)  # The thread ends after its fetch, if any (a daemon: it never holds the exit).
 
 
 def learning_rate(config, position):
@@ -381,10 +434,13 @@ class Preemption:
     checkpoint also records where the run is.
 
     A signal is taken by a thread, from the pipe Python writes each signal's number to: Python runs a handler only
-    when the main thread runs Python, never while a step waits in TensorFlow for input that does not come (a
-    tf.data service without workers, say). A run that takes no step or validation batch for GRACE_SECONDS after
-    the request exits unsaved with the same status: its last checkpoint stands, and the machine's grace period
-    (30 s on a GCE Spot VM, often less for a pod) is not spent waiting.
+    when the main thread runs Python, never while TensorFlow blocks it. A step's batch is awaited in slices
+    (Fetcher), so a request that comes while a worker training alone waits for input that does not come (a
+    tf.data service without live workers, a stalled bucket) saves at once. Where that cannot be (several workers
+    must save at one step, or a step never ends: a collective waiting for a lost peer), a run that takes no step
+    or validation batch for GRACE_SECONDS after the request exits unsaved with the same status: its last
+    checkpoint stands, and the machine's grace period (30 s on a GCE Spot VM, often less for a pod) is not spent
+    waiting.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -457,8 +513,8 @@ class Preemption:
         if not self.saving:
             name = signal.Signals(self.signal).name
             print(
-                f"train.py: no step finished within {self.GRACE_SECONDS} s of {name} (waiting for input?): stopped "
-                "without a new checkpoint; the same command continues from the last one",
+                f"train.py: no step finished within {self.GRACE_SECONDS} s of {name} (a worker waiting for input, or "
+                "for a lost one?): stopped without a new checkpoint; the same command continues from the last one",
                 flush=True,
             )
             os._exit(exit_code(self.signal))

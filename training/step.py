@@ -104,12 +104,13 @@ class Metrics:
 
 
 def make_train_step(model, optimizer, strategy, config):
-    """A compiled step over the next batch of every replica; the epoch's plan says how many there are. Called as
-    step(iterator, step, stop, epoch=0), its metrics count the images by pass relative to `epoch`."""
+    """A compiled step over a batch for every replica (the next of a distributed dataset's iterator). Called as
+    step(batch, step, stop, epoch=0), its metrics count the images by pass relative to `epoch`. The loop fetches
+    the batch itself, so that waiting for it is not inside the step (a stop request can save while it waits)."""
     step_on_replicas = distributed_step(model, optimizer, strategy, config)
 
     @tf.function
-    def train_step(iterator, step, stop, epoch):
-        return step_on_replicas(next(iterator), step, epoch, stop)
+    def train_step(batch, step, stop, epoch):
+        return step_on_replicas(batch, step, epoch, stop)
 
-    return lambda iterator, step, stop, epoch=0: Metrics(train_step(iterator, step, stop, tf.constant(epoch, tf.int64)))
+    return lambda batch, step, stop, epoch=0: Metrics(train_step(batch, step, stop, tf.constant(epoch, tf.int64)))
