@@ -6,7 +6,8 @@ Writes to --model_dir: TensorBoard logs, checkpoints/ (the latest few, to resume
 best validation epoch), flags.txt (the effective flags: --flagfile=RUN/flags.txt repeats the run), config.json
 and eval.json (the final top-1 / top-5 error). The same command continues an interrupted run where it stopped.
 SIGTERM (a preemption notice) saves a checkpoint a step later and exits with status 143, which job managers
-restart; so does Ctrl-C, with status 130 (a second Ctrl-C stops at once). A refusal exits with status 1.
+restart; so does Ctrl-C, with status 130 (a second Ctrl-C stops at once). A worker whose step failed because
+another worker of the run stopped exits with status 129, also restarted. A refusal exits with status 1.
 """
 
 import sys
@@ -34,7 +35,7 @@ def main(argv):
         sys.exit(f"train.py: {e}")  # Status 1: what a job manager does not retry (it needs a person).
     except FloatingPointError as e:  # The loss stopped being a number.
         sys.exit(f"train.py: {e}")
-    except loop.Preempted as e:
+    except (loop.Preempted, loop.PeerLost) as e:  # Statuses the job managers retry.
         print(f"train.py: {e}", flush=True)
         sys.exit(e.exit_code)
     print(

@@ -3,10 +3,13 @@
 import json
 import os
 import re
+import shutil
 
 import pytest
 
+from pipeline.reader import input as data_input
 from tests.helpers import TINY_TRAIN_FLAGS, free_ports, output, start
+from training import loop
 
 
 def _workers(demo_data, model_dir, ports, *extra):
@@ -82,3 +85,26 @@ def test_two_workers_fed_by_one_tf_data_service_share_its_stream_and_train_the_s
     job = re.search(r"tf.data service at grpc://localhost:\d+: job (alexnet-[0-9a-f]{12})$", chief, re.M)[1]
     recorded = b"".join(path.read_bytes() for path in journal.rglob("journal_*"))
     assert job.encode() in recorded  # The trainers' stream was the dispatcher's job.
+
+
+@pytest.mark.slow
+def test_a_corrupt_shard_one_worker_reads_is_named_by_it_and_the_other_says_why_it_stopped(demo_data, tmp_path):
+    """Worker 1's first shard is corrupt: worker 1 names it (its scan looks first at the shards it was reading),
+    and worker 0, whose step waits on worker 1 in the all-reduce, says that a worker stopped rather than end in a
+    traceback. Worker 1 exits with a refusal's status, which a job manager does not retry (the data needs a
+    person); worker 0 with one it retries (its part was not at fault)."""
+    data = shutil.copytree(demo_data, tmp_path / "data")
+    files = data_input.shard_files(str(data), "train")
+    sizes = data_input.shard_sizes(files, data_input.load_summary(str(data)), "train")
+    groups, _ = data_input.epoch_plan(sizes, seed=0, epoch=0, step_size=8, pipeline=1, pipelines=2)
+    shard = files[groups[0][0]]
+    with open(shard, "rb") as f:
+        content = bytearray(f.read())
+    content[len(content) // 2 : len(content) // 2 + 64] = b"\xff" * 64  # Inside a record: its CRC fails.
+    with open(shard, "wb") as f:
+        f.write(bytes(content))
+    results = _workers(str(data), tmp_path / "run", free_ports(2))
+    (chief_status, chief), (other_status, other) = results
+    assert other_status == 1 and f"a training shard holds a corrupt record: {shard}, record " in other, other[-3000:]
+    assert chief_status == loop.PEER_LOST_EXIT_CODE == 129 and "Traceback" not in chief, chief[-3000:]
+    assert "train.py: a worker of this run stopped (" in chief and "its own output says why" in chief

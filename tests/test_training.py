@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from model import classifier
 from tests.helpers import TWO_DEVICES, tiny_run_config
-from training import checkpoints, checks, devices, evaluation, feed, loop, recipe
+from training import checkpoints, checks, devices, evaluation, feed, loop, recipe, summaries
 from training import step as train_step
 from training.position import METRICS, PASSES
 
@@ -560,6 +560,54 @@ def test_a_full_disk_stops_the_run_saying_what_it_needs_and_the_same_command_con
     steps = Steps()
     assert loop.train(config, before_step=steps) == reference[1]
     assert steps.taken == [3, 4, 5, 6] and not glob.glob(f"{small_disk}/run/checkpoints/*_temp")
+
+
+def _fill(disk):
+    """Writes zeros to disk/filler until the disk is full; returns the filler's path."""
+    path = os.path.join(disk, "filler")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+@pytest.mark.slow  # ~1 min, and root for the mount.
+@pytest.mark.parametrize("writing", ["summaries", "eval.json"])
+def test_a_disk_that_fills_during_a_summary_or_eval_json_stops_the_run_and_the_same_command_continues(
+    reference, small_disk, monkeypatch, writing
+):
+    """The disk fills just before epoch 1's summaries (TensorBoard's events), or just before eval.json: the run
+    stops naming the folder and the checkpoint it continues from, and once there is room the same command ends
+    with the uninterrupted run's results."""
+    subprocess.run(["mount", "-o", "remount,size=1g", str(small_disk)], check=True)  # Room for the checkpoints.
+    config = dataclasses.replace(reference[0], model_dir=str(small_disk / "run"))
+    filled = []
+    with monkeypatch.context() as patch:
+        if writing == "summaries":
+            real = summaries.Writers.epoch
+            patch.setattr(summaries.Writers, "epoch", lambda *a, **k: (filled.append(_fill(small_disk)), real(*a, **k)))
+        else:
+            real = checkpoints.write_file
+
+            def full_for_eval_json(path, text):
+                if path.endswith("eval.json"):
+                    filled.append(_fill(small_disk))
+                return real(path, text)
+
+            patch.setattr(checkpoints, "write_file", full_for_eval_json)
+        with pytest.raises(checkpoints.StorageError) as error:
+            loop.train(config)
+    last = "ckpt-2" if writing == "summaries" else "ckpt-6"
+    message = str(error.value)
+    assert message.startswith(f"no space left on the device of --model_dir={small_disk / 'run'} (")
+    assert message.endswith(f"{small_disk}/run/checkpoints/{last}"), message
+    os.remove(filled[0])
+    assert loop.train(config) == reference[1]
 
 
 def test_a_preempted_run_exits_with_a_status_the_job_managers_restart_and_a_refusal_with_one_they_do_not():

@@ -40,6 +40,10 @@ from training.position import METRICS, PASSES, SUMS
 # restart it: Kubeflow's TFJob (restartPolicy: ExitCode) retries 128-255 and treats 1-127 as permanent, which is
 # what a refusal (status 1) is; Vertex AI restarts any non-zero status.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+# A worker whose step failed because another worker of the run stopped (killed, preempted, or refusing its data):
+# not this worker's doing, so a status the managers retry (they restart the lost one too). 128 + SIGHUP, the
+# convention for "the session this process belonged to went away".
+PEER_LOST_EXIT_CODE = 128 + signal.SIGHUP
 
 
 def train(config, flags_text=None, before_step=None):
@@ -61,6 +65,10 @@ def train(config, flags_text=None, before_step=None):
         if "No space left on device" not in str(e):
             raise
         raise checkpoints.StorageError(run.checkpoints.no_space(e)) from None
+    except (tf.errors.UnavailableError, tf.errors.AbortedError) as e:
+        if not any(sign in e.message for sign in ("Collective ops is aborted", "tasks are unhealthy")):
+            raise
+        raise PeerLost(e.message) from None
     finally:
         run.claim.release()
 
@@ -420,6 +428,19 @@ class Preempted(Exception):
         name = signal.Signals(signum).name
         super().__init__(f"stopped by {name}: saved step {step}; the same command continues from there")
         self.step, self.exit_code = step, exit_code(signum)
+
+
+class PeerLost(Exception):
+    """Another worker of the run stopped, and this one's step, which needs every worker, failed with it."""
+
+    exit_code = PEER_LOST_EXIT_CODE
+
+    def __init__(self, message):
+        reason = " ".join(message.split("Collective ops is aborted by:", 1)[-1].split()).strip()
+        super().__init__(
+            f"a worker of this run stopped ({reason[:300]}): its own output says why. Started again with the same "
+            "command, every worker continues from the last checkpoint (a job manager does this on its own)"
+        )
 
 
 class Preemption:
