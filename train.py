@@ -10,6 +10,7 @@ restart; so does Ctrl-C, with status 130 (a second Ctrl-C stops at once). A work
 another worker of the run stopped exits with status 129, also restarted. A refusal exits with status 1.
 """
 
+import os
 import sys
 
 import tensorflow as tf
@@ -37,7 +38,11 @@ def main(argv):
         sys.exit(f"train.py: {e}")
     except (loop.Preempted, loop.PeerLost) as e:  # Statuses the job managers retry.
         print(f"train.py: {e}", flush=True)
-        sys.exit(e.exit_code)
+        # Saved (and its summaries written), or nothing to save: stop now. A normal exit first waits for the input
+        # pipeline's threads to finish what they were reading (the next group of shards: up to 29 s on the demo),
+        # time a machine's grace period may not have.
+        sys.stderr.flush()
+        os._exit(e.exit_code)
     print(
         f"Validation ({result['images']} images, {result['crops']} crops): "
         f"top-1 error {result['top1_error']:.1%}, top-5 error {result['top5_error']:.1%} "

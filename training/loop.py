@@ -102,6 +102,7 @@ def train_epoch(run, position, preemption, before_step=None):
         position = results.settle(position)[0]
         preemption.saving = True
         run.checkpoints.save(position)
+        run.writers.flush()
         raise Preempted(position.step, preemption.signal) from None
     finally:
         batches.close()
@@ -227,6 +228,7 @@ def end_epoch(run, position, seconds, preemption=None):
     except evaluation.Interrupted:
         preemption.saving = True
         run.checkpoints.save(position)
+        run.writers.flush()
         raise Preempted(position.step, preemption.signal) from None
     plateau = position.plateau.update(validation["top1_error"], config.lr_patience, config.lr_drops)
     feed_scalars, feed_line = run.feed.epoch_report(position)
