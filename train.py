@@ -16,7 +16,7 @@ import sys
 import tensorflow as tf
 from absl import app, flags, logging
 
-from training import checkpoints, checks, devices, loop
+from training import checkpoints, checks, devices, loop, stopping
 from training import flags as run_flags
 
 run_flags.define()  # One flag per recipe.Config field, defaulting to the paper's value.
@@ -36,7 +36,7 @@ def main(argv):
         sys.exit(f"train.py: {e}")  # Status 1: what a job manager does not retry (it needs a person).
     except FloatingPointError as e:  # The loss stopped being a number.
         sys.exit(f"train.py: {e}")
-    except (loop.Preempted, loop.PeerLost) as e:  # Statuses the job managers retry.
+    except (stopping.Preempted, stopping.PeerLost) as e:  # Statuses the job managers retry.
         print(f"train.py: {e}", flush=True)
         # Saved (and its summaries written), or nothing to save: stop now. A normal exit first waits for the input
         # pipeline's threads to finish what they were reading (the next group of shards: up to 29 s on the demo),

@@ -2,8 +2,10 @@
 loopback, started here), the training on this process."""
 
 import collections
+import os
 import re
 import signal
+import threading
 import time
 
 import grpc
@@ -13,7 +15,7 @@ import tensorflow as tf
 from pipeline.reader import input as data_input
 from pipeline.reader import service as servers_api
 from tests.helpers import TINY_TRAIN_FLAGS, free_ports, output, start, tiny_run_config
-from training import feed, loop
+from training import feed, loop, stopping
 
 
 @pytest.fixture(scope="module")
@@ -88,26 +90,40 @@ def test_a_trainer_that_stops_leaves_at_most_4_steps_of_the_stream_unread(demo_d
     assert 63 - 1 - (4 + 2) <= seen <= 63 - 1  # 4 steps of 1 batch, and the two the service client keeps besides.
 
 
-def test_an_epoch_finishes_from_the_workers_left_when_one_is_lost_for_good_and_a_worker_added_takes_its_share(
+def test_an_epoch_finishes_from_the_workers_left_when_one_is_lost_and_workers_added_or_started_again_take_over(
     demo_data, tmp_path, capsys
 ):
-    """One worker, then a second added in epoch 1, then the first killed (-9) and never started again: every epoch
-    takes its planned steps from the workers there are, and each pass's images never trained are counted."""
-    port = free_ports(1)[0]
+    """One worker, then a second added in epoch 1, then the first killed (-9): every epoch takes its planned steps
+    from the workers there are, and each pass's images never trained are counted. The first started again at its
+    address, then the second killed for good: the run ends on the one started again (TensorFlow gives it its old
+    task back). A watchdog stops the run (SIGTERM: it saves) should the steps stop coming, so that a regression
+    fails rather than waits."""
+    port, first = free_ports(2)
     command = ["-m", "pipeline.data_service", "--role=worker", f"--dispatcher=localhost:{port}"]
-    servers = [start("-m", "pipeline.data_service", "--role=dispatcher", f"--port={port}"), start(*command)]
-    dispatcher = f"localhost:{port}"
+    servers = [start("-m", "pipeline.data_service", "--role=dispatcher", f"--port={port}")]
+    servers.append(start(*command, f"--port={first}"))
+    dispatcher, taken = f"localhost:{port}", []
     try:
         _wait_for_workers(dispatcher, servers, 1)
 
         def events(step):
+            taken.append(time.monotonic())
             if step == 3:  # Epoch 1 of 7 steps.
                 servers.append(start(*command))
                 _wait_for_workers(dispatcher, servers, 2)
-            if step == 5:
-                servers[1].kill()
-                servers[1].wait()
+            if step in (5, 14):
+                servers[1 if step == 5 else 2].kill()
+            if step == 9:
+                servers[1] = start(*command, f"--port={first}")  # As a supervisor restarts it: the same address.
 
+        def watchdog():
+            while not taken or time.monotonic() - taken[-1] < 120:
+                time.sleep(1)
+                if len(taken) == 23:
+                    return
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watchdog, daemon=True).start()
         config = tiny_run_config(demo_data, tmp_path, epochs=3, batch_size=8, data_service=f"grpc://{dispatcher}")
         loop.train(config, before_step=events)
     finally:
@@ -121,7 +137,7 @@ def test_an_epoch_finishes_from_the_workers_left_when_one_is_lost_for_good_and_a
         r"the tf.data service delivered (\d+) of pass (\d)'s 63 training images; (\d+) missed", printed
     )
     assert [(int(d) + int(m), p) for d, p, m in reports] == [(63, "1"), (63, "2")], printed
-    assert sum(int(m) for _, _, m in reports) > 0  # What the killed worker held, never trained.
+    assert sum(int(m) for _, _, m in reports) > 0  # What the killed workers held, never trained.
 
 
 def _wait_for_workers(dispatcher, servers, count):
@@ -157,7 +173,7 @@ def test_a_stop_while_waiting_for_batches_that_never_come_saves_and_exits_at_onc
         dispatcher.kill()
     name = signal.Signals(signum).name
     assert status == 128 + signum and f"stopped by {name}: saved step 0" in printed, printed[-3000:]
-    assert waited < loop.Preemption.GRACE_SECONDS
+    assert waited < stopping.Preemption.GRACE_SECONDS
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-0")
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests import hosts
 from tests.helpers import TINY_TRAIN_FLAGS, output, run_conversion
-from training import loop
+from training import stopping
 
 pytestmark = pytest.mark.slow
 
@@ -179,7 +179,7 @@ def test_a_worker_killed_mid_epoch_and_the_job_started_again_ends_as_if_never_st
         hosts.wait_for(workers[0], r"step 5/14", 600)
         workers[1].kill()
         status, printed = output(workers[0], timeout=300)  # The other fails at its next collective.
-        assert status == loop.PEER_LOST_EXIT_CODE and "a worker of this run stopped (" in printed, printed[-3000:]
+        assert status == stopping.PEER_LOST_EXIT_CODE and "a worker of this run stopped (" in printed, printed[-3000:]
     finally:
         _stop(*workers)
     chief = _started_again(two_hosts, args, tmp_path, uninterrupted, shape)

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.reader import input as data_input
 from tests.helpers import TINY_TRAIN_FLAGS, free_ports, output, start
-from training import loop
+from training import stopping
 
 
 def _workers(demo_data, model_dir, ports, *extra):
@@ -106,5 +106,5 @@ def test_a_corrupt_shard_one_worker_reads_is_named_by_it_and_the_other_says_why_
     results = _workers(str(data), tmp_path / "run", free_ports(2))
     (chief_status, chief), (other_status, other) = results
     assert other_status == 1 and f"a training shard holds a corrupt record: {shard}, record " in other, other[-3000:]
-    assert chief_status == loop.PEER_LOST_EXIT_CODE == 129 and "Traceback" not in chief, chief[-3000:]
+    assert chief_status == stopping.PEER_LOST_EXIT_CODE == 129 and "Traceback" not in chief, chief[-3000:]
     assert "train.py: a worker of this run stopped (" in chief and "its own output says why" in chief

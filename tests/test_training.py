@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from model import classifier
 from tests.helpers import TWO_DEVICES, tiny_run_config
-from training import checkpoints, checks, devices, evaluation, feed, loop, recipe, summaries
+from training import checkpoints, checks, devices, evaluation, feed, loop, recipe, stopping, summaries
 from training import step as train_step
 from training.position import METRICS, PASSES
 
@@ -103,7 +103,7 @@ def test_a_run_stopped_again_and_again_resumes_exactly_where_its_checkpoints_wer
         if step == 4:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(loop.Preempted) as stopped:
+    with pytest.raises(stopping.Preempted) as stopped:
         loop.train(config, before_step=notice_before_step_4)
     legs.append(steps.taken)
     assert stopped.value.step == 5 and checkpoints.resolve(config.model_dir, "latest").endswith("ckpt-5")
@@ -140,7 +140,7 @@ def test_a_stop_during_validation_or_by_ctrl_c_saves_at_once_and_resumes_exactly
 
     with monkeypatch.context() as patch:
         patch.setattr(evaluation, "evaluate", interrupted_once)
-        with pytest.raises(loop.Preempted) as stopped:
+        with pytest.raises(stopping.Preempted) as stopped:
             loop.train(config)
     assert stopped.value.step == 3 and stopped.value.exit_code == 130 and "stopped by SIGINT" in str(stopped.value)
     assert checkpoints.resolve(config.model_dir, "latest").endswith("ckpt-3") and batches == [1.0]
@@ -148,7 +148,7 @@ def test_a_stop_during_validation_or_by_ctrl_c_saves_at_once_and_resumes_exactly
     assert not os.path.exists(os.path.join(config.model_dir, ".claim.json"))  # Given up for the next start.
     result = loop.train(config)
     assert result == reference[1]
-    with loop.Preemption() as preemption:
+    with stopping.Preemption() as preemption:
         os.kill(os.getpid(), signal.SIGTERM)
         deadline = time.monotonic() + 5
         while not preemption.requested and time.monotonic() < deadline:  # Noted by the listening thread.
@@ -188,9 +188,9 @@ def test_a_stop_while_the_next_batch_never_comes_saves_the_steps_before_it_and_r
     with monkeypatch.context() as patch:
         patch.setattr(feed.Planned, "batches", stalling)
         threading.Thread(target=notice_when_stalled, daemon=True).start()
-        with pytest.raises(loop.Preempted) as stopped:
+        with pytest.raises(stopping.Preempted) as stopped:
             loop.train(config)
-    assert time.monotonic() - sent[0] < loop.Preemption.GRACE_SECONDS  # Saved, not given up on.
+    assert time.monotonic() - sent[0] < stopping.Preemption.GRACE_SECONDS  # Saved, not given up on.
     assert stopped.value.step == 4 and checkpoints.resolve(config.model_dir, "latest").endswith("ckpt-4")
     assert loop.train(config) == reference[1]
 
@@ -200,15 +200,15 @@ def test_a_stop_no_worker_can_save_at_ends_the_run_unsaved_within_the_grace(monk
     for a lost peer) exits with the preemption's status GRACE_SECONDS after the request, its last checkpoint
     standing."""
     exits = []
-    monkeypatch.setattr(loop.Preemption, "GRACE_SECONDS", 0.5)
-    monkeypatch.setattr(loop.os, "_exit", exits.append)
-    preemption = loop.Preemption()
+    monkeypatch.setattr(stopping.Preemption, "GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(stopping.os, "_exit", exits.append)
+    preemption = stopping.Preemption()
     preemption._act(signal.SIGTERM)
     deadline = time.monotonic() + 5
     while not exits and time.monotonic() < deadline:
         time.sleep(0.05)
     assert exits == [143]
-    preemption = loop.Preemption()
+    preemption = stopping.Preemption()
     preemption._act(signal.SIGTERM)
     preemption.saving = True  # It saved in time: the watch stands down.
     time.sleep(1)
@@ -613,5 +613,5 @@ def test_a_disk_that_fills_during_a_summary_or_eval_json_stops_the_run_and_the_s
 def test_a_preempted_run_exits_with_a_status_the_job_managers_restart_and_a_refusal_with_one_they_do_not():
     """Kubeflow's TFJob (restartPolicy: ExitCode) retries 128-255 and treats 1-127 as permanent; Vertex AI restarts
     any non-zero status. A refusal (sys.exit with its message) is 1."""
-    assert loop.PREEMPTED_EXIT_CODE == loop.exit_code(signal.SIGTERM) == 143
-    assert 128 <= loop.Preempted(5).exit_code <= 255 and loop.Preempted(5, signal.SIGINT).exit_code == 130
+    assert stopping.PREEMPTED_EXIT_CODE == stopping.exit_code(signal.SIGTERM) == 143
+    assert 128 <= stopping.Preempted(5).exit_code <= 255 and stopping.Preempted(5, signal.SIGINT).exit_code == 130
