@@ -23,6 +23,18 @@ run_flags.define()  # One flag per recipe.Config field, defaulting to the paper'
 FLAGS = flags.FLAGS
 
 
+def end(status, message=None):
+    """Ends the process with `status`, `message` printed first (to stderr for a refusal). Not Python's own exit,
+    which tears TensorFlow's runtime down under threads still inside it: MultiWorkerMirroredStrategy's peer health
+    check (a C++ call of up to 10 s every 30 s) aborted a finished run's process with status -6, and the input
+    pipeline's threads held a stopped one for up to 29 s. Everything the run writes is written and closed by now."""
+    if message:
+        print(message, file=sys.stderr if status == 1 else sys.stdout)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:  # Progress is printed; TensorFlow's INFO lines are noise here.
@@ -33,20 +45,16 @@ def main(argv):
     try:
         result = loop.train(run_flags.config(), flags_text=run_flags.serialized())
     except (checks.ConfigError, checks.DataError, checkpoints.CheckpointError, checkpoints.StorageError) as e:
-        sys.exit(f"train.py: {e}")  # Status 1: what a job manager does not retry (it needs a person).
+        end(1, f"train.py: {e}")  # Status 1: what a job manager does not retry (it needs a person).
     except FloatingPointError as e:  # The loss stopped being a number.
-        sys.exit(f"train.py: {e}")
+        end(1, f"train.py: {e}")
     except (stopping.Preempted, stopping.PeerLost) as e:  # Statuses the job managers retry.
-        print(f"train.py: {e}", flush=True)
-        # Saved (and its summaries written), or nothing to save: stop now. A normal exit first waits for the input
-        # pipeline's threads to finish what they were reading (the next group of shards: up to 29 s on the demo),
-        # time a machine's grace period may not have.
-        sys.stderr.flush()
-        os._exit(e.exit_code)
-    print(
+        end(e.exit_code, f"train.py: {e}")
+    end(
+        0,
         f"Validation ({result['images']} images, {result['crops']} crops): "
         f"top-1 error {result['top1_error']:.1%}, top-5 error {result['top5_error']:.1%} "
-        f"(weights sha256 {result['weights_sha256'][:16]})"
+        f"(weights sha256 {result['weights_sha256'][:16]})",
     )
 
 
