@@ -56,7 +56,7 @@ def test_a_checkpoint_written_before_the_pass_counts_continues_the_run_where_it_
     weights = [w.numpy() for w in model.weights]
     keras.utils.set_random_seed(2)
     model, optimizer = step.build_model(config, 3, stats)
-    restored = checkpoints.RunCheckpoints(config, model=model, optimizer=optimizer).restore()
+    restored = checkpoints.RunCheckpoints(config, model=model, optimizer=optimizer).restore(first_epoch_steps=7)
     assert restored == saved and restored.passes == (0.0,) * len(position.PASSES)
     for before, after in zip(weights, model.weights, strict=True):
         np.testing.assert_array_equal(before, after.numpy())

@@ -15,7 +15,7 @@ import tensorflow as tf
 from pipeline.reader import input as data_input
 from pipeline.reader import service as servers_api
 from tests.helpers import TINY_TRAIN_FLAGS, free_ports, output, start, tiny_run_config
-from training import feed, loop, stopping
+from training import checks, feed, loop, stopping
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +193,6 @@ def test_a_runs_service_job_is_its_own_and_kept_when_it_resumes(tmp_path, monkey
         ids.append(feed.service_job_id("run", strategy))
         assert feed.service_job_id("run", strategy) == ids[-1]
     assert ids[0] != ids[1]
+    (tmp_path / "b" / "run" / feed.JOB_ID).write_bytes(b"\xff not an id")
+    with pytest.raises(checks.ConfigError, match=r"run/.service_job is not a tf.data service job id .*: delete it"):
+        feed.service_job_id("run", strategy)

@@ -2,6 +2,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -271,6 +272,36 @@ def test_a_corrupt_latest_checkpoint_is_skipped_for_the_one_before_and_the_run_e
         loop.train(config)
 
 
+def test_a_run_whose_checkpoints_were_lost_is_refused_rather_than_trained_again_from_step_0(reference, tmp_path):
+    """A folder copied or synced in part: starting over would train over best/ and the TensorBoard curves."""
+    folder = shutil.copytree(reference[0].model_dir, tmp_path / "run")
+    config = dataclasses.replace(reference[0], model_dir=str(folder))
+    saved = folder / "checkpoints"
+    names = [os.path.basename(path) for path in checkpoints.newest_first(str(saved))][::-1]
+    for name in names:
+        os.remove(saved / f"{name}.index")
+    with pytest.raises(
+        checkpoints.CheckpointError, match=f"3 checkpoint file\\(s\\) without an index: {names[0]}\\.data"
+    ):
+        loop.train(config)
+    for data in saved.glob("ckpt-*"):
+        os.remove(data)
+    with pytest.raises(checkpoints.CheckpointError) as refused:
+        loop.train(config)
+    named = f"{saved / 'checkpoint'} names {', '.join(names)}"
+    assert f"{saved} holds no whole checkpoint, though the run saved some ({named}" in str(refused.value)
+    assert "or move --model_dir away and start the run again" in str(refused.value)
+    os.remove(saved / "checkpoint")  # The folder gone: best/ says how far the run got.
+    best = folder / "best"
+    for old in best.glob("ckpt-*"):  # The run's best weights as of step 4 (its first epoch has 3 steps).
+        os.rename(old, best / re.sub(r"ckpt-\d+", "ckpt-4", old.name))
+    with pytest.raises(checkpoints.CheckpointError, match="best/ckpt-4 holds the weights of a later step than the"):
+        loop.train(config)
+    for old in best.glob("ckpt-*"):  # Saved at the first epoch's end, killed before checkpoints/: step 0.
+        os.rename(old, best / old.name.replace("ckpt-4", "ckpt-3"))
+    assert checkpoints.written_before(str(folder), first_epoch_steps=3) == ""
+
+
 def test_a_finished_run_started_again_says_so_and_keeps_its_results(reference, capsys):
     config, result = reference
     eval_json = os.path.join(config.model_dir, "eval.json")
@@ -279,6 +310,17 @@ def test_a_finished_run_started_again_says_so_and_keeps_its_results(reference, c
     assert loop.train(config, before_step=steps) == result
     assert steps.taken == [] and os.path.getmtime(eval_json) == written
     assert "has finished training (2 epochs, 6 steps): nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"top1_error": 0.5}'])
+def test_a_finished_runs_unreadable_eval_json_is_evaluated_again(reference, tmp_path, capsys, content):
+    folder = shutil.copytree(reference[0].model_dir, tmp_path / "run")
+    (folder / "eval.json").write_text(content)
+    config = dataclasses.replace(reference[0], model_dir=str(folder))
+    steps = Steps()
+    assert loop.train(config, before_step=steps) == reference[1] and steps.taken == []
+    assert f"{folder / 'eval.json'} cannot be read (" in capsys.readouterr().out
+    assert json.loads((folder / "eval.json").read_text()) == reference[1]
 
 
 def test_a_model_dir_holding_a_run_with_other_settings_is_refused(reference):

@@ -33,6 +33,25 @@ def newest_first(folder):
     return [path for _, path in sorted(numbered, reverse=True)]
 
 
+def written_before(model_dir, first_epoch_steps):
+    """What in a run folder whose checkpoints/ holds no whole checkpoint (no ckpt-N.index) says the run saved
+    some: files of checkpoints (their data without their index), the manager's state file naming some, or best/
+    holding weights from after the first epoch (best/ is saved just before checkpoints/ at an epoch's end, so a run
+    killed between the two in its first epoch has best/ alone). "" when nothing does: step 0 is where it is."""
+    folder = os.path.join(model_dir, CHECKPOINTS)
+    paths = tf.io.gfile.glob(os.path.join(folder, "ckpt-*"))
+    left = sorted(os.path.basename(p) for p in paths if not p.endswith("_temp"))  # _temp: a save cut short.
+    state = tf.train.get_checkpoint_state(folder)  # None when there is none, or it does not parse.
+    named = [os.path.basename(p) for p in state.all_model_checkpoint_paths] if state else []
+    best = newest_first(os.path.join(model_dir, BEST))
+    said = [f"{len(left)} checkpoint file(s) without an index: {', '.join(left[:3])}"] if left else []
+    if named:
+        said.append(f"{os.path.join(folder, 'checkpoint')} names {', '.join(named)}")
+    if best and int(best[0].rsplit("-", 1)[1]) > first_epoch_steps:
+        said.append(f"{best[0]} holds the weights of a later step than the first epoch's {first_epoch_steps}")
+    return "; ".join(said)
+
+
 class RunCheckpoints:
     """checkpoints/ (the latest few: weights, momentum and the run's Position, all a resumed run needs) and best/
     (the weights of the best validation epoch), saved when config's intervals say. Under several workers each one
@@ -71,9 +90,10 @@ class RunCheckpoints:
             f"space (or lower --keep_checkpoints), then the same command continues from {where}"
         )
 
-    def restore(self):
+    def restore(self, first_epoch_steps):
         """Loads the newest of the chief's checkpoints that reads whole; returns the Position it holds (step 0 when
-        there is none). One that does not (truncated, corrupt) is skipped for the one before it, saying so."""
+        there is none, and nothing says the run saved one). One that does not (truncated, corrupt) is skipped for
+        the one before it, saying so."""
         folder = os.path.join(self.model_dir, CHECKPOINTS)
         found = newest_first(folder)
         for path in found:
@@ -87,6 +107,13 @@ class RunCheckpoints:
             raise CheckpointError(
                 f"none of the {len(found)} checkpoints in {folder} can be read (above): move --model_dir away and "
                 "start the run again"
+            )
+        lost = written_before(self.model_dir, first_epoch_steps)
+        if lost:  # Starting at step 0 would train over the run's best/ and its TensorBoard curves.
+            raise CheckpointError(
+                f"{folder} holds no whole checkpoint, though the run saved some ({lost}): put the folder's files "
+                "back (from where it was copied), or move --model_dir away and start the run again (tools.evaluate "
+                "and tools.export read best/ with --checkpoint=best)"
             )
         return self.state.read()
 

@@ -32,8 +32,15 @@ def service_job_id(model_dir, strategy):
     job = 0
     if chief:
         if tf.io.gfile.exists(path):
-            with tf.io.gfile.GFile(path) as f:
-                job = int(f.read().strip() or 0, 16)
+            with tf.io.gfile.GFile(path, "rb") as f:
+                text = f.read()
+            try:
+                job = int(text.strip() or b"0", 16)
+            except ValueError:
+                raise checks.ConfigError(
+                    f"{path} is not a tf.data service job id ({text[:40]!r}): delete it, and the run reads a new "
+                    "job of its own (from its first pass again: the next epoch's end says what was missed)"
+                ) from None
         if not job:
             job = random.SystemRandom().getrandbits(48)
             tf.io.gfile.makedirs(model_dir)

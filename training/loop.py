@@ -41,8 +41,8 @@ def train(config, flags_text=None, before_step=None):
     given, is called before step n (counted from 1) is taken: the seam for whatever watches or stops a run."""
     run, position = start(config, flags_text)  # Every check before step 1; where the run continues from.
     try:
-        if position.epoch >= config.epochs and tf.io.gfile.exists(_eval_path(config)):
-            return saved_evaluation(run, position)
+        if position.epoch >= config.epochs and (saved := saved_evaluation(run, position)):
+            return saved
         with stopping.Preemption() as preemption:
             while position.epoch < config.epochs:
                 began = time.monotonic()
@@ -231,12 +231,25 @@ def final_evaluation(run, position):
 
 
 def saved_evaluation(run, position):
+    """A finished run's eval.json; None when it has none (killed before writing it) or one that does not read
+    (then saying so): the final evaluation is done again, it changes nothing."""
+    path = _eval_path(run.config)
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            result = json.load(f)
+        keys = {"images", "crops", "top1_error", "top5_error", "weights_sha256"}
+        if not isinstance(result, dict) or not keys <= result.keys():
+            raise ValueError(f"it holds no final evaluation's {', '.join(sorted(keys))}")
+    except (ValueError, tf.errors.OpError) as e:  # ValueError: not JSON, not UTF-8, not an evaluation.
+        print(f"{path} cannot be read ({type(e).__name__}: {e}): evaluating the final weights again", flush=True)
+        return None
     print(
         f"{run.config.model_dir} has finished training ({run.config.epochs} epochs, {position.step} steps): "
         "nothing to do"
     )
-    with tf.io.gfile.GFile(_eval_path(run.config)) as f:
-        return json.load(f)
+    return result
 
 
 def _eval_path(config):
@@ -303,8 +316,8 @@ def build(config, strategy, data, claim):
     saved = checkpoints.RunCheckpoints(
         config, model=model, optimizer=optimizer, worker=None if chief else devices.worker_index(strategy)
     )
-    position = saved.restore()
     feed = make_feed(config, strategy, data)
+    position = saved.restore(first_epoch_steps=feed.steps(0))
     total_steps = sum(feed.steps(epoch) for epoch in range(config.epochs))
     run = Run(
         config,
