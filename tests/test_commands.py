@@ -117,6 +117,31 @@ def test_evaluate_of_a_folder_that_is_no_run_is_a_clear_error(tmp_path):
     assert result.returncode == 1 and "holds no config.json: is it a train.py run's folder?" in result.stderr
 
 
+def test_a_run_folders_broken_files_are_named_by_the_tools_with_what_to_do(trained_run, tmp_path):
+    config, _ = trained_run
+    folder = shutil.copytree(config.model_dir, tmp_path / "run")
+    latest, before = checkpoints.newest_first(str(folder / "checkpoints"))[:2]
+    with open(latest + ".data-00000-of-00001", "r+b") as f:
+        f.truncate(1000)
+    cut = rf"{re.escape(latest)} cannot be read \(IndexError: .*\): give --checkpoint={re.escape(before)} \(the one"
+    with pytest.raises(ValueError, match=cut):
+        checkpoints.restore_classifier(str(folder))
+    labels = folder / "labels.txt"
+    copy = f"copy the labels.txt of the data the run trained on (--data_dir={config.data_dir}) there"
+    labels.write_bytes(b"\xff\xfe")
+    with pytest.raises(checks.ConfigError, match=rf"{re.escape(str(labels))} cannot be read \('utf-8' codec"):
+        checkpoints.run_settings(str(folder))
+    os.remove(labels)
+    with pytest.raises(checks.ConfigError, match=re.escape(f"{labels} is missing: {copy}")):
+        checkpoints.run_settings(str(folder))
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(checks.ConfigError, match=re.escape(f"{folder / 'config.json'} is not the run's settings")):
+        checkpoints.run_settings(str(folder))
+    result = run("-m", "tools.predict", f"--export_dir={folder}", "any.jpg")
+    assert result.returncode == 1
+    assert f"tools.predict: --export_dir={folder} is not a model tools.export wrote (" in result.stderr
+
+
 def test_the_export_runs_in_plain_tensorflow_without_this_project(exported, demo_raw, tmp_path):
     """A process that cannot import model/ or pipeline/ loads it and serves JPEG and PNG bytes of any size."""
     jpegs = _val_jpegs(demo_raw)[:2]

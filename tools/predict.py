@@ -38,7 +38,14 @@ def main(argv):
     paths = argv[1:]
     if not paths:
         raise app.UsageError("give the image files to predict: python -m tools.predict --export_dir=DIR IMAGE...")
-    serve = tf.saved_model.load(_EXPORT_DIR.value).signatures["serving_default"]
+    try:
+        serve = tf.saved_model.load(_EXPORT_DIR.value).signatures["serving_default"]
+    except (OSError, ValueError, KeyError, tf.errors.OpError) as e:  # Not a SavedModel, or not tools.export's.
+        reason = " ".join(str(e).split())[:200]
+        sys.exit(
+            f"tools.predict: --export_dir={_EXPORT_DIR.value} is not a model tools.export wrote ({reason}): give "
+            "the --export_dir of `python -m tools.export`"
+        )
     failed = 0
     for path in paths:
         try:

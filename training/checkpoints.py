@@ -1,7 +1,6 @@
 """A run's folder: its checkpoints as training writes and resumes them, its small files written whole, and its
 weights loaded into a Classifier."""
 
-import json
 import os
 import time
 
@@ -10,7 +9,7 @@ import tensorflow as tf
 
 from model import classifier
 from pipeline.reader import data as folder
-from pipeline.reader import input as data_input
+from training import checks
 from training.position import TrainState, TrainStateBeforePasses
 
 CHECKPOINTS = "checkpoints"  # The latest few, with everything a resumed run needs.
@@ -167,8 +166,15 @@ def resolve(model_dir, which="latest"):
 
 
 def load(classifier, path):
-    """Loads weights (and the statistics the preprocessing layer holds) into a built Classifier."""
-    tf.train.Checkpoint(model=classifier).restore(path).expect_partial().assert_existing_objects_matched()
+    """Loads weights (and the statistics the preprocessing layer holds) into a built Classifier; a checkpoint that
+    does not read whole (truncated, corrupt) is a ValueError naming it and the others there."""
+    try:
+        tf.train.Checkpoint(model=classifier).restore(path).expect_partial().assert_existing_objects_matched()
+    except (tf.errors.OpError, IndexError) as e:
+        reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0][:200]
+        others = [p for p in newest_first(os.path.dirname(path)) if p != path]
+        instead = f"--checkpoint={others[0]} (the one before it)" if others else "another --checkpoint"
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {reason}): give {instead}") from None
 
 
 def run_settings(model_dir):
@@ -176,9 +182,11 @@ def run_settings(model_dir):
     path = os.path.join(model_dir, "config.json")
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"--model_dir={model_dir} holds no config.json: is it a train.py run's folder?")
-    with tf.io.gfile.GFile(path) as f:
-        settings = json.load(f)
-    return settings, data_input.load_labels(model_dir)
+    settings = checks.read_run_json(path, "the run's settings")
+    copy = f"copy the labels.txt of the data the run trained on (--data_dir={settings.get('data_dir')}) there"
+    if not tf.io.gfile.exists(os.path.join(model_dir, "labels.txt")):
+        raise checks.ConfigError(f"{os.path.join(model_dir, 'labels.txt')} is missing: {copy}")
+    return settings, checks.read_run_labels(model_dir, copy)
 
 
 def restore_classifier(model_dir, which="latest", precision="float32", tower_devices=None):

@@ -174,7 +174,7 @@ def check_resume(config, model_dir, labels=None):
     path = os.path.join(model_dir, "config.json")
     if not tf.io.gfile.exists(path):
         return
-    saved = _read_json(path, "the run's settings")
+    saved = read_run_json(path, "the run's settings")
     current = json.loads(json.dumps(config.to_json()))  # Tuples as lists, as saved.
     fixed = [k for k in current if k not in recipe.Config.RESUMABLE_CHANGES]
     default = json.loads(json.dumps(recipe.Config().to_json()))
@@ -203,10 +203,7 @@ def _check_same_classes(model_dir, saved, labels, data_dir):
             f"{path} is missing, so the classes the run was trained on are unknown: if it trained on "
             f"--data_dir={saved.get('data_dir')}, copy that folder's labels.txt there; else start a new run"
         )
-    try:
-        trained = data_input.load_labels(model_dir)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} cannot be read ({e}): start a new run in another --model_dir") from None
+    trained = read_run_labels(model_dir, "start a new run in another --model_dir")
     if [w for w, _ in trained] == [w for w, _ in labels]:
         return
     pairs = enumerate(zip(trained, labels, strict=False))  # Up to the shorter list; beyond, the longer differs.
@@ -220,7 +217,16 @@ def _check_same_classes(model_dir, saved, labels, data_dir):
     )
 
 
-def _read_json(path, what):
+def read_run_labels(model_dir, what_to_do):
+    """The classes a run was trained on, its labels.txt, or a ConfigError naming the file and `what_to_do`."""
+    try:
+        return data_input.load_labels(model_dir)
+    except (ValueError, UnicodeDecodeError) as e:
+        path = os.path.join(model_dir, "labels.txt")
+        raise ConfigError(f"{path} cannot be read ({e}): {what_to_do}") from None
+
+
+def read_run_json(path, what):
     """A JSON object the run wrote, or a ConfigError naming the file."""
     try:
         with tf.io.gfile.GFile(path) as f:
