@@ -280,16 +280,10 @@ def test_a_run_whose_checkpoints_were_lost_is_refused_rather_than_trained_again_
     names = [os.path.basename(path) for path in checkpoints.newest_first(str(saved))][::-1]
     for name in names:
         os.remove(saved / f"{name}.index")
-    with pytest.raises(
-        checkpoints.CheckpointError, match=f"3 checkpoint file\\(s\\) without an index: {names[0]}\\.data"
-    ):
-        loop.train(config)
-    for data in saved.glob("ckpt-*"):
-        os.remove(data)
     with pytest.raises(checkpoints.CheckpointError) as refused:
         loop.train(config)
     named = f"{saved / 'checkpoint'} names {', '.join(names)}"
-    assert f"{saved} holds no whole checkpoint, though the run saved some ({named}" in str(refused.value)
+    assert f"{saved} holds no whole checkpoint, though the run saved some ({named})" in str(refused.value)
     assert "or move --model_dir away and start the run again" in str(refused.value)
     os.remove(saved / "checkpoint")  # The folder gone: best/ says how far the run got.
     best = folder / "best"
@@ -299,6 +293,7 @@ def test_a_run_whose_checkpoints_were_lost_is_refused_rather_than_trained_again_
         loop.train(config)
     for old in best.glob("ckpt-*"):  # Saved at the first epoch's end, killed before checkpoints/: step 0.
         os.rename(old, best / old.name.replace("ckpt-4", "ckpt-3"))
+    assert list(saved.glob("ckpt-*.data-*"))  # Data without an index, as a save cut short leaves: no sign either.
     assert checkpoints.written_before(str(folder), first_epoch_steps=3) == ""
 
 

@@ -34,18 +34,15 @@ def newest_first(folder):
 
 def written_before(model_dir, first_epoch_steps):
     """What in a run folder whose checkpoints/ holds no whole checkpoint (no ckpt-N.index) says the run saved
-    some: files of checkpoints (their data without their index), the manager's state file naming some, or best/
-    holding weights from after the first epoch (best/ is saved just before checkpoints/ at an epoch's end, so a run
-    killed between the two in its first epoch has best/ alone). "" when nothing does: step 0 is where it is."""
+    some: the manager's state file naming some (it is written once a checkpoint is whole), or best/ holding weights
+    from after the first epoch (best/ is saved just before checkpoints/ at an epoch's end, so a run killed between
+    the two in its first epoch has best/ alone). "" when nothing does: step 0 is where the run is. (A checkpoint's
+    data without its index is no sign: a save cut short by a full disk leaves that.)"""
     folder = os.path.join(model_dir, CHECKPOINTS)
-    paths = tf.io.gfile.glob(os.path.join(folder, "ckpt-*"))
-    left = sorted(os.path.basename(p) for p in paths if not p.endswith("_temp"))  # _temp: a save cut short.
     state = tf.train.get_checkpoint_state(folder)  # None when there is none, or it does not parse.
     named = [os.path.basename(p) for p in state.all_model_checkpoint_paths] if state else []
     best = newest_first(os.path.join(model_dir, BEST))
-    said = [f"{len(left)} checkpoint file(s) without an index: {', '.join(left[:3])}"] if left else []
-    if named:
-        said.append(f"{os.path.join(folder, 'checkpoint')} names {', '.join(named)}")
+    said = [f"{os.path.join(folder, 'checkpoint')} names {', '.join(named)}"] if named else []
     if best and int(best[0].rsplit("-", 1)[1]) > first_epoch_steps:
         said.append(f"{best[0]} holds the weights of a later step than the first epoch's {first_epoch_steps}")
     return "; ".join(said)
