@@ -5,10 +5,13 @@ shared, as a disk every machine mounts (or a bucket) would be."""
 
 import contextlib
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -37,16 +40,39 @@ def _ip(*args):
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
 
 
-@contextlib.contextmanager
-def two_hosts():
-    """(host a at 10.231.0.1, host b at 10.231.0.2), removed at the end."""
+def skip_unless_possible():
     if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("ip"):
         pytest.skip("network namespaces need Linux, root and iproute2's `ip`")
-    tag = f"ax{os.getpid() % 100000}"
+
+
+def namespaces():
+    return re.findall(r"^(\S+)", _ip("netns", "list").stdout, re.MULTILINE)
+
+
+def remove_left_behind():
+    """Namespaces of test runs that ended without their cleanup (kill -9): ax<PID>a and ax<PID>b, PID gone."""
+    for name in namespaces():
+        pid = re.fullmatch(r"ax(\d+)[ab]", name)
+        if pid and not os.path.exists(f"/proc/{pid[1]}"):
+            _ip("netns", "delete", name)
+
+
+def _ended_by_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # Unwinds through the cleanup below, which SIGTERM's default would skip.
+
+
+@contextlib.contextmanager
+def two_hosts():
+    """(host a at 10.231.0.1, host b at 10.231.0.2), removed at the end, even when a timeout's SIGTERM ends the
+    tests; what a kill -9 left is removed by the next run."""
+    skip_unless_possible()
+    remove_left_behind()
+    tag = f"ax{os.getpid()}"
     names, links = (f"{tag}a", f"{tag}b"), (f"{tag}va", f"{tag}vb")
     made = _ip("netns", "add", names[0])
     if made.returncode:
         pytest.skip(f"cannot make a network namespace here: {made.stderr.strip()}")
+    previous = signal.signal(signal.SIGTERM, _ended_by_sigterm)
     try:
         steps = [
             ("netns", "add", names[1]),
@@ -67,6 +93,7 @@ def two_hosts():
     finally:
         for name in names:
             _ip("netns", "delete", name)  # Deletes the veth pair with it.
+        signal.signal(signal.SIGTERM, previous)
 
 
 def printed(process):
@@ -77,9 +104,6 @@ def printed(process):
 def wait_for(process, pattern, timeout):
     """Waits until the process prints something matching `pattern` (a regular expression); returns the match.
     Fails, with what it printed, when it ends or the time is up first."""
-    import re
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = re.search(pattern, printed(process))

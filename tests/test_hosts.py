@@ -5,11 +5,13 @@ a restarted dispatcher and preemption notices (SIGTERM) at moments the test pick
 import json
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from tests import hosts
-from tests.helpers import TINY_TRAIN_FLAGS, output, run_conversion
+from tests.helpers import ROOT, TINY_TRAIN_FLAGS, output, run_conversion
 from training import stopping
 
 pytestmark = pytest.mark.slow
@@ -217,3 +219,26 @@ def test_workers_given_folders_of_their_own_are_refused_before_step_1(two_hosts,
         assert status == 1, printed[-3000:]
         assert "worker(s) 1 cannot see the files the chief (worker 0) writes there" in printed
         assert "one shared folder" in printed and "step 1/" not in printed
+
+
+HOLD_HOSTS = """
+import time
+from tests import hosts
+with hosts.two_hosts() as pair:
+    print(" ".join(host.namespace for host in pair), flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_the_hosts_are_removed_when_the_tests_are_ended_by_a_timeouts_sigterm_or_after_a_kill_9(signum):
+    hosts.skip_unless_possible()
+    process = subprocess.Popen([sys.executable, "-c", HOLD_HOSTS], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    made = process.stdout.readline().split()
+    assert len(made) == 2 and set(made) <= set(hosts.namespaces())
+    process.send_signal(signum)
+    assert process.wait(timeout=30) == (128 + signum if signum == signal.SIGTERM else -signum)
+    if signum == signal.SIGKILL:  # Nothing runs in a process killed -9: the next run's hosts remove them.
+        assert set(made) <= set(hosts.namespaces())
+        hosts.remove_left_behind()
+    assert not set(made) & set(hosts.namespaces())
