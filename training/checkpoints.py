@@ -28,8 +28,17 @@ def newest_first(folder):
     """The checkpoint prefixes in folder (ckpt-N.index there), the highest N first; the state file that names the
     latest is not needed (a kill may have left it behind)."""
     paths = tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index"))
-    numbered = [(int(p[: -len(".index")].rsplit("-", 1)[1]), p[: -len(".index")]) for p in paths]
-    return [path for _, path in sorted(numbered, reverse=True)]
+    return sorted((p[: -len(".index")] for p in paths), key=step_of, reverse=True)
+
+
+def step_of(path):
+    """N, of a checkpoint prefix ckpt-N."""
+    return int(path.rsplit("-", 1)[1])
+
+
+def _first_line(error):
+    """What an error says, its first line (TensorFlow's messages go on with a traceback of graph nodes)."""
+    return (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
 
 
 def written_before(model_dir, first_epoch_steps):
@@ -43,7 +52,7 @@ def written_before(model_dir, first_epoch_steps):
     named = [os.path.basename(p) for p in state.all_model_checkpoint_paths] if state else []
     best = newest_first(os.path.join(model_dir, BEST))
     said = [f"{os.path.join(folder, 'checkpoint')} names {', '.join(named)}"] if named else []
-    if best and int(best[0].rsplit("-", 1)[1]) > first_epoch_steps:
+    if best and step_of(best[0]) > first_epoch_steps:
         said.append(f"{best[0]} holds the weights of a later step than the first epoch's {first_epoch_steps}")
     return "; ".join(said)
 
@@ -79,7 +88,7 @@ class RunCheckpoints:
             iter(newest_first(os.path.join(self.model_dir, CHECKPOINTS))), None
         )
         where = f"its last checkpoint, {latest}" if latest else "step 0 (no checkpoint was written)"
-        message = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+        message = _first_line(error)
         return (
             f"no space left on the device of --model_dir={self.model_dir} ({message}). A checkpoint needs about "
             f"{self.bytes / 2**20:,.0f} MB, and the run keeps {self.config.keep_checkpoints} and best/: free some "
@@ -97,7 +106,7 @@ class RunCheckpoints:
                 self._restore(path)
                 return self.state.read()
             except (tf.errors.OpError, ValueError, IndexError, AssertionError) as e:
-                reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0][:200]
+                reason = _first_line(e)[:200]
                 print(f"{path} cannot be read ({type(e).__name__}: {reason}): trying the one before it", flush=True)
         if found:
             raise CheckpointError(
@@ -168,7 +177,7 @@ def load(classifier, path):
     try:
         tf.train.Checkpoint(model=classifier).restore(path).expect_partial().assert_existing_objects_matched()
     except (tf.errors.OpError, IndexError) as e:
-        reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0][:200]
+        reason = _first_line(e)[:200]
         others = [p for p in newest_first(os.path.dirname(path)) if p != path]
         instead = f"--checkpoint={others[0]} (the one before it)" if others else "another --checkpoint"
         raise ValueError(f"{path} cannot be read ({type(e).__name__}: {reason}): give {instead}") from None

@@ -115,11 +115,8 @@ def take_step(run, batches, position, preemption, alone=False):
             raise
         where = f"at step {position.step + 1} (epoch {position.epoch + 1})"
         likely = run.feed.shards_at(position.epoch, position.epoch_step)
-        files, size, error = (
-            run.data.files["train"],
-            run.config.image_size,
-            e if isinstance(e, tf.errors.OpError) else None,
-        )
+        error = e if isinstance(e, tf.errors.OpError) else None  # StopIteration quotes no TensorFlow error.
+        files, size = run.data.files["train"], run.config.image_size
         raise checks.data_error(files, "training", error, where, likely, image_size=size) from None
 
 
