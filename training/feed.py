@@ -161,20 +161,22 @@ class Service(Planned):
 
     def epoch_report(self, position):
         """Pass e - 1's images, counted over the epochs that trained them, at the end of epoch e: the service
-        delivers each at most once, and what it did not (a lost worker's, a stopped trainer's) is missed."""
+        delivers each at most once, and what it did not by then is missed by its pass. Most of that a lost worker
+        or a stopped trainer held; a slow worker's comes later, as images of an earlier pass (with few groups a
+        pass, as in the demo set, one worker may hold a whole pass while another reads the next)."""
         counts = dict(zip(PASSES, position.passes, strict=True))
         if not position.epoch:
             return {}, None
         images, delivered = int(self.sizes.sum()), int(counts["previous"])
         line = (
             f"the tf.data service delivered {delivered:,} of pass {position.epoch}'s {images:,} training images; "
-            f"{images - delivered:,} missed (what lost service workers, or a stopped trainer, held)"
+            f"{images - delivered:,} missed (held by lost or slow service workers, or a stopped trainer)"
         )
         if counts["older"]:
             line += (
-                f"; {int(counts['older']):,} of the epoch's images came from earlier passes: the service began this "
-                "run's job again (a dispatcher started again without --work_dir, or the job unused for "
-                f"{service.JOB_KEPT_SECONDS // 60} minutes)"
+                f"; {int(counts['older']):,} of the epoch's images were of earlier passes: late from a slow worker, "
+                "or, if many, the service began this run's job again (a dispatcher started again without "
+                f"--work_dir, or the job unused for {service.JOB_KEPT_SECONDS // 60} minutes)"
             )
         return {"epoch/images_missed": images - delivered}, line
 
