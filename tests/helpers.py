@@ -139,3 +139,13 @@ def output(process, timeout=600):
     process.wait(timeout=timeout)
     process.log.seek(0)
     return process.returncode, process.log.read()
+
+
+def scalars(folder, tag):
+    """{step: value} of a scalar a run wrote under folder (train/, validation/, eval/), or, for tag None,
+    TensorBoard's own reader of the folder."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={"tensors": 0, "images": 0, "histograms": 0})
+    acc.Reload()
+    return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)} if tag else acc

@@ -13,11 +13,10 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorboard.backend.event_processing import event_accumulator
 
 from pipeline.reader import input as data_input
 from pipeline.reader import service as servers_api
-from tests.helpers import TINY_TRAIN_FLAGS, free_ports, output, start, tiny_run_config
+from tests.helpers import TINY_TRAIN_FLAGS, free_ports, output, scalars, start, tiny_run_config
 from training import checks, feed, loop, stopping
 from training.position import Position
 
@@ -83,7 +82,7 @@ def test_training_reads_its_batches_from_the_service(demo_data, service, tmp_pat
     )
     delivered, missed = int(report[1]), int(report[2])
     assert delivered + missed == 63
-    assert _scalars(tmp_path / "train", "epoch/images_missed") == {15: missed}
+    assert scalars(tmp_path / "train", "epoch/images_missed") == {15: missed}
     # The demo set's pass is one group: one worker holds all of pass 1 while the other reads pass 2 and on, and the
     # 120 images of epochs 1 and 2 come from both. Only a worker three times slower than the other leaves most of
     # pass 1 untrained by then (an even share gives 60, the rest of it comes in epoch 3 as late images).
@@ -93,11 +92,12 @@ def test_training_reads_its_batches_from_the_service(demo_data, service, tmp_pat
 def test_an_epoch_report_counts_a_pass_by_what_was_trained_of_it_and_names_late_images():
     position = Position(step=24, epoch=2, passes=(5.0, 60.0, 0.0, 0.0, 0.0))
     data = types.SimpleNamespace(files={"train": ["a", "b"]}, sizes={"train": np.array([40, 23])})
-    scalars, line = feed.Service(None, tf.distribute.get_strategy(), data, job="j").epoch_report(position)
-    assert scalars == {"epoch/images_missed": 3}
+    service = feed.Service(None, tf.distribute.get_strategy(), data, job="j")
+    values, line = service.epoch_report(position)
+    assert values == {"epoch/images_missed": 3}
     assert line.startswith("the tf.data service delivered 60 of pass 2's 63 training images; 3 missed (held by lost")
     assert "; 5 of the epoch's images were of earlier passes: late from a slow worker, or, if many, the" in line
-    assert feed.Service(None, tf.distribute.get_strategy(), data, job="j").epoch_report(Position()) == ({}, None)
+    assert service.epoch_report(Position()) == ({}, None)
 
 
 def test_a_trainer_that_stops_leaves_at_most_4_steps_of_the_stream_unread(demo_data, service):
@@ -162,12 +162,6 @@ def test_an_epoch_finishes_from_the_workers_left_when_one_is_lost_and_workers_ad
     )
     assert [(int(d) + int(m), p) for d, p, m in reports] == [(63, "1"), (63, "2")], printed
     assert sum(int(m) for _, _, m in reports) > 0  # What the killed workers held, never trained.
-
-
-def _scalars(folder, tag):
-    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={"tensors": 0})
-    acc.Reload()
-    return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
 
 
 def _wait_for_workers(dispatcher, servers, count):

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from tensorboard.backend.event_processing import event_accumulator
 
 from model import classifier
-from tests.helpers import TWO_DEVICES, tiny_run_config
+from tests.helpers import TWO_DEVICES, scalars, tiny_run_config
 from training import checkpoints, checks, devices, evaluation, feed, loop, recipe, stopping, summaries
 from training import step as train_step
 from training.position import METRICS, PASSES
@@ -43,12 +43,6 @@ class Steps:
         if step == self.stop_at:
             raise Stopped(f"stopped before step {step}")
         self.taken.append(step)
-
-
-def _scalars(folder, tag):
-    acc = event_accumulator.EventAccumulator(folder, size_guidance={"tensors": 0, "images": 0, "histograms": 0})
-    acc.Reload()
-    return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)} if tag else acc
 
 
 def _steps_logged(folder, tag):
@@ -333,20 +327,20 @@ def test_tensorboard_holds_every_step_and_every_epoch(reference):
         assert _steps_logged(train, tag) == [1, 2, 3, 4, 5, 6], tag  # log_every_steps=1.
     for tag in ("epoch/loss", "epoch/top1_error", "epoch/top5_error"):
         assert _steps_logged(train, tag) == _steps_logged(validation, tag) == [3, 6], tag  # Both epochs.
-    learning_rates = _scalars(train, "learning_rate")
+    learning_rates = scalars(train, "learning_rate")
     np.testing.assert_allclose([learning_rates[s] for s in range(1, 7)], [0.001, 0.002, 0.003, 0.004, 0.005, 0.005])
-    acc = _scalars(train, None)
+    acc = scalars(train, None)
     assert sorted(e.step for e in acc.Tensors("conv1_filters")) == [3, 6]
     assert sorted(e.step for e in acc.Tensors("inputs/augmented")) == [3, 6]  # At the epochs' steps (not at 8).
     assert {f"weights/alexnet/{layer}/kernel" for layer in ("conv1_a", "fc8")} <= set(acc.Tags()["tensors"])
     norms = [t for t in acc.Tags()["tensors"] if t.startswith("gradient_norm/")]
-    assert len(norms) == 30 and all(_scalars(train, t)[6] > 0 for t in norms[:3])
-    final = _scalars(os.path.join(config.model_dir, "eval"), "top1_error_10crop")
+    assert len(norms) == 30 and all(scalars(train, t)[6] > 0 for t in norms[:3])
+    final = scalars(os.path.join(config.model_dir, "eval"), "top1_error_10crop")
     assert final == {6: pytest.approx(result["top1_error"])}
 
 
 def test_figure_3_image_is_conv1s_kernels(reference):
-    acc = _scalars(os.path.join(reference[0].model_dir, "train"), None)
+    acc = scalars(os.path.join(reference[0].model_dir, "train"), None)
     png = acc.Tensors("conv1_filters")[-1].tensor_proto.string_val[2]  # [width, height, PNG].
     image = tf.io.decode_png(png).numpy()
     assert image.shape == (6 * 12, 16 * 12, 3)  # 96 kernels of 11x11 in rows of 16, 1 px apart.
@@ -354,7 +348,7 @@ def test_figure_3_image_is_conv1s_kernels(reference):
 
 def test_logged_validation_error_is_that_of_the_validation_images(reference, demo_data):
     config, _ = reference
-    logged = _scalars(os.path.join(config.model_dir, "validation"), "epoch/top1_error")[6]
+    logged = scalars(os.path.join(config.model_dir, "validation"), "epoch/top1_error")[6]
     data = checks.load_data(config)
     model = classifier.build_classifier(10, data.stats, image_size=64, crop_size=64, lighting_std=0.1)
     checkpoints.load(model, checkpoints.resolve(config.model_dir, "latest"))
@@ -554,7 +548,7 @@ def test_the_runs_settings_and_final_errors_are_there_for_tensorboards_hparams(r
     from tensorboard.plugins.hparams import metadata
 
     config, result = reference
-    acc = _scalars(config.model_dir, None)  # model_dir itself, beside train/, validation/, eval/.
+    acc = scalars(config.model_dir, None)  # model_dir itself, beside train/, validation/, eval/.
     start = metadata.parse_session_start_info_plugin_data(
         acc.SummaryMetadata(metadata.SESSION_START_INFO_TAG).plugin_data.content
     )
@@ -565,8 +559,8 @@ def test_the_runs_settings_and_final_errors_are_there_for_tensorboards_hparams(r
     metrics = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
     assert {("validation", "epoch/top1_error"), ("eval", "top1_error_10crop")} <= metrics
     for split, tag in metrics & {("validation", "epoch/top1_error"), ("eval", "top1_error_10crop")}:
-        assert _scalars(os.path.join(config.model_dir, split), tag)  # Each metric names a scalar the run wrote.
-    assert _scalars(os.path.join(config.model_dir, "eval"), "top1_error_10crop")[6] == pytest.approx(
+        assert scalars(os.path.join(config.model_dir, split), tag)  # Each metric names a scalar the run wrote.
+    assert scalars(os.path.join(config.model_dir, "eval"), "top1_error_10crop")[6] == pytest.approx(
         result["top1_error"]
     )
 

@@ -8,14 +8,20 @@ import signal
 import threading
 import time
 
+
+def exit_code(signum):
+    """128 + the signal, as a shell reports a process the signal ended: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + signum
+
+
 # Saved after SIGTERM: 128 + SIGTERM, as TensorFlow's PreemptionCheckpointHandler exits on GCE. Job managers
 # restart it: Kubeflow's TFJob (restartPolicy: ExitCode) retries 128-255 and treats 1-127 as permanent, which is
 # what a refusal (status 1) is; Vertex AI restarts any non-zero status.
-PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+PREEMPTED_EXIT_CODE = exit_code(signal.SIGTERM)
 # A worker whose step failed because another worker of the run stopped (killed, preempted, or refusing its data):
 # not this worker's doing, so a status the managers retry (they restart the lost one too). 128 + SIGHUP, the
 # convention for "the session this process belonged to went away".
-PEER_LOST_EXIT_CODE = 128 + signal.SIGHUP
+PEER_LOST_EXIT_CODE = exit_code(signal.SIGHUP)
 
 
 class StopRequested(Exception):
@@ -58,11 +64,6 @@ class Fetcher:
 
     def close(self):
         self.asked.put(False)  # The thread ends after its fetch, if any (a daemon: it never holds the exit).
-
-
-def exit_code(signum):
-    """128 + the signal, as a shell reports a process the signal ended: 143 for SIGTERM, 130 for Ctrl-C."""
-    return 128 + signum
 
 
 class Preempted(Exception):
